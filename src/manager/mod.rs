@@ -1,0 +1,918 @@
+//! The VM manager: owns the lifecycle of every VM (create, boot, stop, snapshot,
+//! restore, delete), the single-flight wake used by the proxy, the route index and
+//! the reconciliation of the store with reality at start.
+//!
+//! Concurrency model: each VM has a runtime with an async `op` lock that
+//! serialises lifecycle operations, and a small sync `inner` lock (never held
+//! across `.await`) for the live machine handle, the transient state shown by the
+//! API and the in-flight wake. A wake is a spawned task whose result is shared by
+//! every waiter through a `watch` channel: one restore however many requests wait,
+//! and a waiter that gives up does not cancel it.
+
+mod route_index;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+pub use route_index::{RouteIndex, RouteTarget};
+
+use crate::model::{
+    new_id, random_alnum, validate_subdomain, Image, Route, Snapshot, Vm, VmState,
+    DEFAULT_IMAGE_ID,
+};
+use crate::store::{Store, StoreError};
+use crate::vmm::{BootSpec, Hypervisor, Machine};
+
+/// Errors of manager operations; `api` maps each to one status code.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ManagerError {
+    /// The VM, route or snapshot does not exist (or belongs to someone else).
+    #[error("not found")]
+    NotFound,
+    /// The client sent something invalid.
+    #[error("{0}")]
+    BadRequest(String),
+    /// The operation is not allowed in the VM's current state, or a name is taken.
+    #[error("{0}")]
+    Conflict(String),
+    /// A quota would be exceeded.
+    #[error("{0}")]
+    Quota(String),
+    /// The VM did not come up within the wake timeout.
+    #[error("{0}")]
+    Timeout(String),
+    /// The hypervisor failed.
+    #[error("{0}")]
+    Vmm(String),
+    /// A bug or an environment failure (database, filesystem).
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl From<StoreError> for ManagerError {
+    fn from(e: StoreError) -> Self {
+        ManagerError::Internal(e.to_string())
+    }
+}
+
+impl From<std::io::Error> for ManagerError {
+    fn from(e: std::io::Error) -> Self {
+        ManagerError::Internal(e.to_string())
+    }
+}
+
+type Result<T> = std::result::Result<T, ManagerError>;
+
+#[derive(Debug, Clone)]
+pub struct ManagerConfig {
+    pub data_dir: PathBuf,
+    /// Bound on one boot or restore, and on how long a proxied request waits.
+    pub wake_timeout: Duration,
+    pub max_vms_per_user: u32,
+    pub max_snapshots_per_vm: u32,
+    pub default_vcpu: u32,
+    pub default_mem_mib: u32,
+    pub default_boot_args: String,
+}
+
+/// Body of `POST /vms` (unknown fields are refused by the API layer).
+#[derive(Debug, Default, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateVm {
+    #[serde(default)]
+    pub image_id: Option<String>,
+    #[serde(default)]
+    pub vcpu_count: Option<i64>,
+    #[serde(default)]
+    pub mem_mib: Option<i64>,
+    #[serde(default)]
+    pub boot_args: Option<String>,
+    #[serde(default)]
+    pub enable_network: Option<bool>,
+    #[serde(default)]
+    pub user_data: Option<String>,
+}
+
+/// Body of `POST /vms/{id}/routes`.
+#[derive(Debug, Default, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateRoute {
+    #[serde(default)]
+    pub subdomain: Option<String>,
+    #[serde(default)]
+    pub target_port: Option<i64>,
+    #[serde(default)]
+    pub auto_wake: Option<bool>,
+}
+
+/// Why the proxy cannot reach a VM.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum UpstreamError {
+    /// The route's VM is gone.
+    #[error("vm not found")]
+    VmGone,
+    /// The VM sleeps and the route does not wake it, or it is in a state that
+    /// cannot serve.
+    #[error("vm is {0} and {1}")]
+    NotServing(VmState, &'static str),
+    /// The wake did not finish before the deadline.
+    #[error("vm did not wake within {0:?}")]
+    Timeout(Duration),
+    /// The wake failed.
+    #[error("failed to wake vm: {0}")]
+    WakeFailed(String),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+/// Where to send a proxied request.
+#[derive(Debug, Clone, Copy)]
+pub struct Upstream {
+    pub addr: SocketAddr,
+    /// The VM was asleep or starting when the request arrived: the guest's service
+    /// may still be coming up, so the proxy retries refused connections.
+    pub woke: bool,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum WakeMode {
+    /// Proxy wake or create: from stopped or snapshotted.
+    Auto,
+    /// `POST /start`: also from error.
+    Start,
+}
+
+type WakeResult = std::result::Result<(), ManagerError>;
+
+#[derive(Default)]
+struct Inner {
+    machine: Option<Arc<dyn Machine>>,
+    /// Bumped each time a machine is installed, so a late exit notice of an old
+    /// machine is not taken for the new one.
+    generation: u64,
+    /// `starting` / `stopping` while an operation runs.
+    transient: Option<VmState>,
+    wake: Option<watch::Receiver<Option<WakeResult>>>,
+}
+
+#[derive(Default)]
+struct VmRuntime {
+    op: tokio::sync::Mutex<()>,
+    inner: Mutex<Inner>,
+}
+
+impl VmRuntime {
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The live machine when the VM is running and no operation is under way.
+    fn ready_machine(&self) -> Option<Arc<dyn Machine>> {
+        let inner = self.lock();
+        match (&inner.machine, inner.transient, &inner.wake) {
+            (Some(m), None, None) => Some(m.clone()),
+            _ => None,
+        }
+    }
+}
+
+pub struct Manager {
+    store: Store,
+    hv: Arc<dyn Hypervisor>,
+    cfg: ManagerConfig,
+    runtimes: Mutex<HashMap<String, Arc<VmRuntime>>>,
+    routes: RouteIndex,
+}
+
+impl Manager {
+    /// Builds the manager, loads the route index and reconciles VMs whose
+    /// process did not survive a hatchd restart.
+    pub async fn new(
+        store: Store,
+        hv: Arc<dyn Hypervisor>,
+        cfg: ManagerConfig,
+    ) -> Result<Arc<Manager>> {
+        let routes = RouteIndex::load(&store.list_routes(None).await?);
+        let mgr = Arc::new(Manager {
+            store,
+            hv,
+            cfg,
+            runtimes: Mutex::new(HashMap::new()),
+            routes,
+        });
+        mgr.reconcile().await?;
+        Ok(mgr)
+    }
+
+    pub fn hypervisor_name(&self) -> String {
+        self.hv.name()
+    }
+
+    pub fn config(&self) -> &ManagerConfig {
+        &self.cfg
+    }
+
+    /// No VM process survives a hatchd restart as far as we know: a VM recorded
+    /// as running lost its memory, so it is stopped (a cold boot wakes it); a
+    /// leftover hypervisor process is ended. Snapshotted VMs stay snapshotted.
+    async fn reconcile(&self) -> Result<()> {
+        for vm in self.store.list_vms(None).await? {
+            if matches!(
+                vm.state,
+                VmState::Running | VmState::Starting | VmState::Stopping
+            ) {
+                let killed = kill_leftover_process(&self.work_dir(&vm.id));
+                warn!(
+                    vm_id = %vm.id,
+                    previous_state = %vm.state,
+                    killed_leftover_process = killed,
+                    "vm was {} when hatchd last stopped; its process is gone, marking it stopped (the next request boots it)",
+                    vm.state
+                );
+                self.store
+                    .set_vm_state(
+                        &vm.id,
+                        VmState::Stopped,
+                        Some("hatchd restarted while the vm was running"),
+                    )
+                    .await?;
+            }
+        }
+        Ok(())
+    }
+
+    fn work_dir(&self, vm_id: &str) -> PathBuf {
+        self.cfg.data_dir.join("vms").join(vm_id)
+    }
+
+    fn snapshot_dir(&self, vm_id: &str) -> PathBuf {
+        self.cfg.data_dir.join("snapshots").join(vm_id)
+    }
+
+    fn runtime(&self, vm_id: &str) -> Arc<VmRuntime> {
+        let mut map = self.runtimes.lock().unwrap_or_else(|e| e.into_inner());
+        map.entry(vm_id.to_string()).or_default().clone()
+    }
+
+    /// The VM as the API shows it: the stored state, or the transient one while an
+    /// operation runs.
+    fn present(&self, mut vm: Vm) -> Vm {
+        let map = self.runtimes.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(rt) = map.get(&vm.id) {
+            if let Some(t) = rt.lock().transient {
+                vm.state = t;
+            }
+        }
+        vm
+    }
+
+    async fn owned_vm(&self, user: &str, vm_id: &str) -> Result<Vm> {
+        match self.store.get_vm(vm_id).await? {
+            Some(vm) if vm.user_id == user => Ok(vm),
+            _ => Err(ManagerError::NotFound),
+        }
+    }
+
+    // ---------------------------------------------------------------- VMs
+
+    pub async fn create_vm(self: &Arc<Self>, user: &str, req: CreateVm) -> Result<Vm> {
+        let image_id = req
+            .image_id
+            .filter(|s| !s.is_empty())
+            .unwrap_or_else(|| DEFAULT_IMAGE_ID.to_string());
+        let image = self.store.get_image(&image_id).await?.ok_or_else(|| {
+            if image_id == DEFAULT_IMAGE_ID {
+                ManagerError::BadRequest(
+                    "no image_id provided and no default image configured (run scripts/build-image, or set HATCH_DEFAULT_KERNEL_PATH and HATCH_DEFAULT_ROOTFS_PATH)".into(),
+                )
+            } else {
+                ManagerError::BadRequest(format!("image not found: {image_id}"))
+            }
+        })?;
+        let count = self.store.count_vms(user).await?;
+        if count >= self.cfg.max_vms_per_user as i64 {
+            return Err(ManagerError::Quota(format!(
+                "vm limit reached ({count}/{})",
+                self.cfg.max_vms_per_user
+            )));
+        }
+        let vcpu = match req.vcpu_count.unwrap_or(0) {
+            0 => self.cfg.default_vcpu,
+            n => n.clamp(1, 32) as u32,
+        };
+        let mem = match req.mem_mib.unwrap_or(0) {
+            0 => self.cfg.default_mem_mib,
+            n => n.clamp(128, 65536) as u32,
+        };
+        let now = Utc::now();
+        let vm = Vm {
+            id: new_id("vm"),
+            image_id: image.id.clone(),
+            user_id: user.to_string(),
+            // Stored as stopped until the boot completes: if hatchd dies during
+            // the boot, the VM is simply asleep. The API shows `starting`.
+            state: VmState::Stopped,
+            vcpu_count: vcpu,
+            mem_mib: mem,
+            boot_args: req.boot_args.unwrap_or_default(),
+            user_data: req.user_data.unwrap_or_default(),
+            enable_network: req.enable_network.unwrap_or(true),
+            boot_count: 0,
+            restore_count: 0,
+            last_error: None,
+            created_at: now,
+            updated_at: now,
+        };
+        self.store.insert_vm(&vm).await?;
+        info!(vm_id = %vm.id, image_id = %vm.image_id, vcpu, mem_mib = mem, "vm created; booting");
+        let _ = self.wake(&vm.id, WakeMode::Auto);
+        Ok(self.present(vm))
+    }
+
+    pub async fn list_vms(&self, user: &str) -> Result<Vec<Vm>> {
+        let vms = self.store.list_vms(Some(user)).await?;
+        Ok(vms.into_iter().map(|v| self.present(v)).collect())
+    }
+
+    pub async fn get_vm(&self, user: &str, vm_id: &str) -> Result<Vm> {
+        let vm = self.owned_vm(user, vm_id).await?;
+        Ok(self.present(vm))
+    }
+
+    pub async fn delete_vm(&self, user: &str, vm_id: &str) -> Result<()> {
+        self.owned_vm(user, vm_id).await?;
+        let rt = self.runtime(vm_id);
+        let _op = rt.op.lock().await;
+        let machine = {
+            let mut inner = rt.lock();
+            inner.transient = Some(VmState::Stopping);
+            inner.machine.take()
+        };
+        if let Some(m) = machine {
+            if let Err(e) = m.shutdown().await {
+                warn!(vm_id, error = %e, "shutdown during delete failed");
+            }
+        }
+        self.routes.remove_vm(vm_id);
+        self.store.delete_vm(vm_id).await?;
+        for dir in [self.snapshot_dir(vm_id), self.work_dir(vm_id)] {
+            if let Err(e) = tokio::fs::remove_dir_all(&dir).await {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    warn!(vm_id, dir = %dir.display(), error = %e, "could not remove vm files");
+                }
+            }
+        }
+        rt.lock().transient = None;
+        self.runtimes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(vm_id);
+        info!(vm_id, "vm deleted");
+        Ok(())
+    }
+
+    pub async fn stop_vm(&self, user: &str, vm_id: &str) -> Result<Vm> {
+        self.owned_vm(user, vm_id).await?;
+        let rt = self.runtime(vm_id);
+        let _op = rt.op.lock().await;
+        let vm = self.owned_vm(user, vm_id).await?;
+        if !matches!(vm.state, VmState::Running | VmState::Error) {
+            return Err(wrong_state("stop", vm.state, "running or error"));
+        }
+        let machine = {
+            let mut inner = rt.lock();
+            inner.transient = Some(VmState::Stopping);
+            inner.machine.take()
+        };
+        let t0 = Instant::now();
+        let res = match machine {
+            Some(m) => m.shutdown().await,
+            None => Ok(()),
+        };
+        rt.lock().transient = None;
+        if let Err(e) = res {
+            // The process is being ended either way; record what happened.
+            warn!(vm_id, error = %e, "shutdown reported an error");
+        }
+        self.store.set_vm_state(vm_id, VmState::Stopped, None).await?;
+        info!(vm_id, elapsed_ms = t0.elapsed().as_millis() as u64, "vm stopped");
+        self.get_vm(user, vm_id).await
+    }
+
+    pub async fn start_vm(self: &Arc<Self>, user: &str, vm_id: &str) -> Result<Vm> {
+        let vm = self.owned_vm(user, vm_id).await?;
+        let vm = self.present(vm);
+        match vm.state {
+            VmState::Stopped | VmState::Error | VmState::Starting => {}
+            VmState::Snapshotted => {
+                return Err(ManagerError::Conflict(
+                    "vm is snapshotted; use POST /vms/{id}/restore to resume it".into(),
+                ))
+            }
+            s => return Err(wrong_state("start", s, "stopped or error")),
+        }
+        self.wake_and_wait(vm_id, WakeMode::Start).await?;
+        self.get_vm(user, vm_id).await
+    }
+
+    pub async fn restore_vm(self: &Arc<Self>, user: &str, vm_id: &str) -> Result<Vm> {
+        let vm = self.owned_vm(user, vm_id).await?;
+        let vm = self.present(vm);
+        if !matches!(vm.state, VmState::Snapshotted | VmState::Starting) {
+            return Err(wrong_state("restore", vm.state, "snapshotted"));
+        }
+        self.wake_and_wait(vm_id, WakeMode::Auto).await?;
+        self.get_vm(user, vm_id).await
+    }
+
+    pub async fn snapshot_vm(&self, user: &str, vm_id: &str) -> Result<Snapshot> {
+        self.owned_vm(user, vm_id).await?;
+        let rt = self.runtime(vm_id);
+        let _op = rt.op.lock().await;
+        let vm = self.owned_vm(user, vm_id).await?;
+        let machine = rt.lock().machine.clone();
+        let (VmState::Running, Some(machine)) = (vm.state, machine) else {
+            return Err(ManagerError::Conflict(format!(
+                "vm must be running to snapshot (current state: {})",
+                vm.state
+            )));
+        };
+        rt.lock().transient = Some(VmState::Stopping);
+        let snap_id = new_id("snap");
+        let dir = self.snapshot_dir(vm_id);
+        let path = dir.join(format!("{snap_id}.vmstate"));
+        let t0 = Instant::now();
+        let res = async {
+            tokio::fs::create_dir_all(&dir).await?;
+            machine
+                .snapshot(&path)
+                .await
+                .map_err(|e| ManagerError::Vmm(format!("snapshot failed: {e}")))
+        }
+        .await;
+        if let Err(e) = res {
+            // The driver resumed the guest: it keeps running and serving.
+            rt.lock().transient = None;
+            warn!(vm_id, error = %e, "snapshot failed; vm left running");
+            return Err(e);
+        }
+        {
+            let mut inner = rt.lock();
+            inner.machine = None;
+            inner.transient = None;
+        }
+        let size = tokio::fs::metadata(&path).await.map(|m| m.len()).unwrap_or(0);
+        let snap = Snapshot {
+            id: snap_id,
+            vm_id: vm_id.to_string(),
+            state_key: path.to_string_lossy().into_owned(),
+            size_bytes: size as i64,
+            created_at: Utc::now(),
+        };
+        self.store.insert_snapshot(&snap).await?;
+        self.store
+            .set_vm_state(vm_id, VmState::Snapshotted, None)
+            .await?;
+        info!(
+            vm_id,
+            snapshot_id = %snap.id,
+            size_bytes = size,
+            elapsed_ms = t0.elapsed().as_millis() as u64,
+            "vm snapshotted"
+        );
+        self.prune_snapshots(vm_id).await;
+        Ok(snap)
+    }
+
+    /// Keeps the newest `max_snapshots_per_vm` snapshots of a VM.
+    async fn prune_snapshots(&self, vm_id: &str) {
+        let Ok(snaps) = self.store.list_snapshots(vm_id).await else {
+            return;
+        };
+        for old in snaps.iter().skip(self.cfg.max_snapshots_per_vm.max(1) as usize) {
+            if let Err(e) = self.store.delete_snapshot(&old.id).await {
+                warn!(vm_id, snapshot_id = %old.id, error = %e, "could not prune snapshot row");
+                continue;
+            }
+            if let Err(e) = tokio::fs::remove_file(&old.state_key).await {
+                warn!(vm_id, snapshot_id = %old.id, error = %e, "could not remove pruned snapshot file");
+            }
+        }
+    }
+
+    pub async fn list_snapshots(&self, user: &str, vm_id: &str) -> Result<Vec<Snapshot>> {
+        self.owned_vm(user, vm_id).await?;
+        Ok(self.store.list_snapshots(vm_id).await?)
+    }
+
+    pub async fn list_images(&self) -> Result<Vec<Image>> {
+        Ok(self.store.list_images().await?)
+    }
+
+    pub async fn get_image(&self, id: &str) -> Result<Image> {
+        self.store.get_image(id).await?.ok_or(ManagerError::NotFound)
+    }
+
+    /// Shuts every running VM down (graceful hatchd stop): each is snapshotted so
+    /// that it comes back as it was; one that cannot be is stopped.
+    pub async fn shutdown_all(&self) {
+        let Ok(vms) = self.store.list_vms(None).await else {
+            return;
+        };
+        for vm in vms.into_iter().filter(|v| v.state == VmState::Running) {
+            match self.snapshot_vm(&vm.user_id, &vm.id).await {
+                Ok(_) => info!(vm_id = %vm.id, "vm snapshotted for hatchd shutdown"),
+                Err(e) => {
+                    warn!(vm_id = %vm.id, error = %e, "snapshot at shutdown failed; stopping the vm");
+                    let _ = self.stop_vm(&vm.user_id, &vm.id).await;
+                }
+            }
+        }
+    }
+
+    // ---------------------------------------------------------------- wake
+
+    async fn wake_and_wait(self: &Arc<Self>, vm_id: &str, mode: WakeMode) -> Result<()> {
+        let mut rx = self.wake(vm_id, mode);
+        let res = rx
+            .wait_for(|v| v.is_some())
+            .await
+            .map(|v| v.clone())
+            .map_err(|_| ManagerError::Internal("wake task ended without a result".into()))?;
+        res.unwrap_or_else(|| Err(ManagerError::Internal("no wake result".into())))
+    }
+
+    /// Joins the VM's in-flight wake or starts one; the result is shared.
+    fn wake(self: &Arc<Self>, vm_id: &str, mode: WakeMode) -> watch::Receiver<Option<WakeResult>> {
+        let rt = self.runtime(vm_id);
+        let mut inner = rt.lock();
+        if let Some(rx) = &inner.wake {
+            return rx.clone();
+        }
+        let (tx, rx) = watch::channel(None);
+        inner.wake = Some(rx.clone());
+        if inner.transient.is_none() && inner.machine.is_none() {
+            inner.transient = Some(VmState::Starting);
+        }
+        drop(inner);
+        let this = self.clone();
+        let vm_id = vm_id.to_string();
+        let rt2 = rt.clone();
+        tokio::spawn(async move {
+            let res = this.run_wake(&rt2, &vm_id, mode).await;
+            {
+                let mut inner = rt2.lock();
+                inner.wake = None;
+                if inner.transient == Some(VmState::Starting) {
+                    inner.transient = None;
+                }
+            }
+            let _ = tx.send(Some(res));
+        });
+        rx
+    }
+
+    async fn run_wake(self: &Arc<Self>, rt: &Arc<VmRuntime>, vm_id: &str, mode: WakeMode) -> WakeResult {
+        let _op = rt.op.lock().await;
+        let Some(vm) = self.store.get_vm(vm_id).await? else {
+            return Err(ManagerError::NotFound);
+        };
+        if rt.lock().machine.is_some() {
+            return Ok(()); // someone woke it while we queued
+        }
+        let restore = match (vm.state, mode) {
+            (VmState::Snapshotted, _) => true,
+            (VmState::Stopped | VmState::Running, _) => false,
+            (VmState::Error, WakeMode::Start) => false,
+            (s, _) => {
+                return Err(ManagerError::Conflict(format!(
+                    "vm is in state {s} and cannot be woken; start it with POST /vms/{vm_id}/start"
+                )))
+            }
+        };
+        rt.lock().transient = Some(VmState::Starting);
+        let spec = self.boot_spec(&vm).await?;
+        let snapshot = if restore {
+            match self.store.list_snapshots(vm_id).await?.into_iter().next() {
+                Some(s) => Some(s),
+                None => {
+                    let msg = "vm is snapshotted but has no snapshot record".to_string();
+                    self.store.set_vm_state(vm_id, VmState::Error, Some(&msg)).await?;
+                    return Err(ManagerError::Vmm(msg));
+                }
+            }
+        } else {
+            None
+        };
+        let kind = if restore { "restore" } else { "boot" };
+        let t0 = Instant::now();
+        let attempt = async {
+            match &snapshot {
+                Some(s) => self.hv.restore(&spec, std::path::Path::new(&s.state_key)).await,
+                None => self.hv.boot(&spec).await,
+            }
+        };
+        match tokio::time::timeout(self.cfg.wake_timeout, attempt).await {
+            Ok(Ok(machine)) => {
+                let machine: Arc<dyn Machine> = Arc::from(machine);
+                let generation = {
+                    let mut inner = rt.lock();
+                    inner.generation += 1;
+                    inner.machine = Some(machine.clone());
+                    inner.generation
+                };
+                self.store.record_wake(vm_id, restore).await?;
+                self.watch_exit(vm_id, rt.clone(), machine, generation);
+                info!(
+                    vm_id,
+                    kind,
+                    hypervisor = %self.hv.name(),
+                    elapsed_ms = t0.elapsed().as_millis() as u64,
+                    "vm woken"
+                );
+                Ok(())
+            }
+            Ok(Err(e)) => {
+                let msg = format!("{kind} failed: {e}");
+                warn!(vm_id, kind, error = %e, "wake failed; vm marked error");
+                self.store.set_vm_state(vm_id, VmState::Error, Some(&msg)).await?;
+                Err(ManagerError::Vmm(msg))
+            }
+            Err(_) => {
+                // The snapshot (or the image) is still good: leave the stored
+                // state as it was so the next request tries again.
+                let msg = format!(
+                    "{kind} did not complete within {:?}",
+                    self.cfg.wake_timeout
+                );
+                warn!(vm_id, kind, "{msg}; vm left asleep");
+                Err(ManagerError::Timeout(msg))
+            }
+        }
+    }
+
+    async fn boot_spec(&self, vm: &Vm) -> Result<BootSpec> {
+        let image = self
+            .store
+            .get_image(&vm.image_id)
+            .await?
+            .ok_or_else(|| ManagerError::Vmm(format!("image not found: {}", vm.image_id)))?;
+        let boot_args = [&vm.boot_args, &image.boot_args, &self.cfg.default_boot_args]
+            .into_iter()
+            .find(|s| !s.is_empty())
+            .cloned()
+            .unwrap_or_default();
+        let work_dir = self.work_dir(&vm.id);
+        tokio::fs::create_dir_all(&work_dir).await?;
+        Ok(BootSpec {
+            vm_id: vm.id.clone(),
+            kernel: image.kernel_path.into(),
+            initrd: Some(image.rootfs_path.into()).filter(|p: &PathBuf| !p.as_os_str().is_empty()),
+            boot_args,
+            vcpus: vm.vcpu_count,
+            mem_mib: vm.mem_mib,
+            user_data: vm.user_data.clone(),
+            work_dir,
+            guest_ports: self.routes.ports_of(&vm.id),
+        })
+    }
+
+    /// Records a VM whose process ended without hatchd asking.
+    fn watch_exit(
+        self: &Arc<Self>,
+        vm_id: &str,
+        rt: Arc<VmRuntime>,
+        machine: Arc<dyn Machine>,
+        generation: u64,
+    ) {
+        let this = Arc::downgrade(self);
+        let vm_id = vm_id.to_string();
+        tokio::spawn(async move {
+            let exit = machine.exited().await;
+            drop(machine);
+            let Some(this) = this.upgrade() else { return };
+            // After any operation in progress (a snapshot ends the process on purpose).
+            let _op = rt.op.lock().await;
+            let unexpected = {
+                let mut inner = rt.lock();
+                if inner.generation == generation && inner.machine.is_some() {
+                    inner.machine = None;
+                    true
+                } else {
+                    false
+                }
+            };
+            if unexpected {
+                let msg = format!("vm process exited unexpectedly: {}", exit.description);
+                warn!(vm_id, "{msg}; marked stopped (the next request boots it)");
+                if let Err(e) = this.store.set_vm_state(&vm_id, VmState::Stopped, Some(&msg)).await {
+                    warn!(vm_id, error = %e, "could not record vm exit");
+                }
+            }
+        });
+    }
+
+    // ---------------------------------------------------------------- routes
+
+    pub async fn create_route(&self, user: &str, vm_id: &str, req: CreateRoute) -> Result<Route> {
+        let port = req.target_port.unwrap_or(0);
+        if !(1..=65535).contains(&port) {
+            return Err(ManagerError::BadRequest(
+                "target_port must be between 1 and 65535".into(),
+            ));
+        }
+        let requested = req.subdomain.filter(|s| !s.is_empty());
+        if let Some(s) = &requested {
+            validate_subdomain(s).map_err(|e| ManagerError::BadRequest(e.to_string()))?;
+        }
+        self.owned_vm(user, vm_id).await?;
+        let now = Utc::now();
+        let mut route = Route {
+            id: new_id("rt"),
+            vm_id: vm_id.to_string(),
+            subdomain: String::new(),
+            target_port: port as u16,
+            auto_wake: req.auto_wake.unwrap_or(true),
+            created_at: now,
+            updated_at: now,
+        };
+        match requested {
+            Some(s) => {
+                route.subdomain = s;
+                if self.store.subdomain_taken(&route.subdomain).await? {
+                    return Err(taken(&route.subdomain));
+                }
+                match self.store.insert_route(&route).await {
+                    Err(StoreError::Conflict) => return Err(taken(&route.subdomain)),
+                    r => r?,
+                }
+            }
+            None => loop {
+                route.subdomain = random_alnum(12);
+                match self.store.insert_route(&route).await {
+                    Err(StoreError::Conflict) => continue,
+                    r => break r?,
+                }
+            },
+        }
+        self.routes.insert(&route);
+        info!(route_id = %route.id, vm_id, subdomain = %route.subdomain, port, "route created");
+        Ok(route)
+    }
+
+    pub async fn list_routes(&self, user: &str, vm_id: &str) -> Result<Vec<Route>> {
+        self.owned_vm(user, vm_id).await?;
+        Ok(self.store.list_routes(Some(vm_id)).await?)
+    }
+
+    pub async fn delete_route(&self, user: &str, route_id: &str) -> Result<()> {
+        let route = self.store.get_route(route_id).await?.ok_or(ManagerError::NotFound)?;
+        self.owned_vm(user, &route.vm_id).await?;
+        self.store.delete_route(route_id).await?;
+        self.routes.remove_route(route_id);
+        info!(route_id, subdomain = %route.subdomain, "route deleted");
+        Ok(())
+    }
+
+    pub async fn counts(&self) -> Result<(usize, usize)> {
+        Ok((self.store.list_vms(None).await?.len(), self.routes.len()))
+    }
+
+    // ---------------------------------------------------------------- proxy
+
+    /// The proxy's route lookup: memory only.
+    pub fn lookup(&self, subdomain: &str) -> Option<RouteTarget> {
+        self.routes.get(subdomain)
+    }
+
+    /// Finds (waking the VM if it sleeps and the route allows it) the host
+    /// address that reaches the route's guest port, waiting until `deadline`.
+    pub async fn upstream(
+        self: &Arc<Self>,
+        target: &RouteTarget,
+        deadline: tokio::time::Instant,
+    ) -> std::result::Result<Upstream, UpstreamError> {
+        let rt = self.runtime(&target.vm_id);
+        if let Some(m) = rt.ready_machine() {
+            return forward(&*m, target.port, false).await;
+        }
+        let in_flight = {
+            let inner = rt.lock();
+            inner.wake.is_some() || inner.transient == Some(VmState::Starting)
+        };
+        if !in_flight {
+            let vm = self
+                .store
+                .get_vm(&target.vm_id)
+                .await
+                .map_err(|e| UpstreamError::Internal(e.to_string()))?
+                .ok_or(UpstreamError::VmGone)?;
+            let state = self.present(vm).state;
+            match state {
+                VmState::Error => {
+                    return Err(UpstreamError::NotServing(state, "must be started with POST /vms/{id}/start"))
+                }
+                _ if !target.auto_wake => {
+                    return Err(UpstreamError::NotServing(state, "auto_wake is disabled for this route"))
+                }
+                _ => {}
+            }
+        } else if !target.auto_wake {
+            return Err(UpstreamError::NotServing(VmState::Starting, "auto_wake is disabled for this route"));
+        }
+        let mut rx = self.wake(&target.vm_id, WakeMode::Auto);
+        let waited = tokio::time::timeout_at(deadline, async {
+            rx.wait_for(|v| v.is_some()).await.map(|v| v.clone())
+        })
+        .await;
+        let res = match waited {
+            Err(_) => return Err(UpstreamError::Timeout(self.cfg.wake_timeout)),
+            Ok(Err(_)) => return Err(UpstreamError::Internal("wake task vanished".into())),
+            Ok(Ok(v)) => v,
+        };
+        match res {
+            Some(Ok(())) => {}
+            Some(Err(ManagerError::Timeout(_))) => {
+                return Err(UpstreamError::Timeout(self.cfg.wake_timeout))
+            }
+            Some(Err(ManagerError::NotFound)) => return Err(UpstreamError::VmGone),
+            Some(Err(e)) => return Err(UpstreamError::WakeFailed(e.to_string())),
+            None => return Err(UpstreamError::Internal("no wake result".into())),
+        }
+        let machine = rt.lock().machine.clone();
+        match machine {
+            Some(m) => forward(&*m, target.port, true).await,
+            None => Err(UpstreamError::WakeFailed("vm went back to sleep".into())),
+        }
+    }
+}
+
+async fn forward(
+    m: &dyn Machine,
+    port: u16,
+    woke: bool,
+) -> std::result::Result<Upstream, UpstreamError> {
+    if let Some(addr) = m.forwarded(port) {
+        return Ok(Upstream { addr, woke });
+    }
+    let addr = m
+        .forward_port(port)
+        .await
+        .map_err(|e| UpstreamError::Internal(format!("forward guest port {port}: {e}")))?;
+    // A port forwarded just now may reach a service that is not listening yet.
+    Ok(Upstream { addr, woke: true })
+}
+
+fn wrong_state(op: &str, state: VmState, allowed: &str) -> ManagerError {
+    ManagerError::Conflict(format!(
+        "cannot {op} vm in state {state} (allowed: {allowed})"
+    ))
+}
+
+fn taken(subdomain: &str) -> ManagerError {
+    ManagerError::Conflict(format!("subdomain {subdomain:?} is already in use"))
+}
+
+/// Ends a hypervisor process left behind by a previous hatchd (found through the
+/// pid file the driver writes in the VM's work dir). Returns whether one was ended.
+fn kill_leftover_process(work_dir: &std::path::Path) -> bool {
+    let Ok(text) = std::fs::read_to_string(work_dir.join("qemu.pid")) else {
+        return false;
+    };
+    let Ok(pid) = text.trim().parse::<i32>() else {
+        return false;
+    };
+    // Only a process that is really ours: its command line names our work dir.
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    let needle = work_dir.to_string_lossy();
+    if pid <= 1 || !String::from_utf8_lossy(&cmdline).contains(needle.as_ref()) {
+        return false;
+    }
+    crate::vmm::kill_pid(pid)
+}
+
+impl Manager {
+    /// The user owning the key with this hash.
+    pub async fn authenticate(&self, key_hash: &str) -> Result<Option<String>> {
+        Ok(self.store.key_user(key_hash).await?)
+    }
+
+    pub async fn key_count(&self) -> Result<i64> {
+        Ok(self.store.count_keys().await?)
+    }
+
+    /// Registers a key (by its hash) for `user_id`.
+    pub async fn add_key(&self, user_id: &str, key_hash: &str) -> Result<()> {
+        self.store
+            .insert_key(&new_id("key"), user_id, key_hash)
+            .await
+            .map_err(ManagerError::from)
+    }
+}

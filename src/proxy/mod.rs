@@ -1,0 +1,291 @@
+//! The subdomain reverse proxy on `HATCH_PROXY_ADDR`.
+//!
+//! A request passes through named phases: `resolve_host` (Host → route, from the
+//! manager's in-memory index), `ensure_awake` (the manager's single-flight wake),
+//! `connect_upstream` (retrying refused connections while a just-woken guest's
+//! service comes up, until the wake deadline), `upstream_request_filter`
+//! (hop-by-hop headers out, forwarding headers in) and `response_filter`.
+//! Errors are JSON `{"error": "..."}` bodies with a status that says whose fault
+//! it was.
+
+pub mod host;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Request, Response, StatusCode, Uri};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tracing::{debug, warn};
+
+use crate::manager::{Manager, RouteTarget, Upstream, UpstreamError};
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub type ProxyBody = BoxBody<Bytes, BoxError>;
+
+#[derive(Debug, Clone)]
+pub struct ProxyConfig {
+    pub base_domain: String,
+    pub wake_timeout: Duration,
+    /// Largest request body held while a VM wakes (bigger → 413).
+    pub max_wake_body: usize,
+    pub header_read_timeout: Duration,
+}
+
+pub struct Proxy {
+    mgr: Arc<Manager>,
+    cfg: ProxyConfig,
+    client: Client<HttpConnector, ProxyBody>,
+}
+
+impl Proxy {
+    pub fn new(mgr: Arc<Manager>, cfg: ProxyConfig) -> Arc<Proxy> {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(Duration::from_secs(5)));
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(30))
+            .pool_max_idle_per_host(256)
+            .timer(TokioTimer::new())
+            .build(connector);
+        Arc::new(Proxy { mgr, cfg, client })
+    }
+
+    /// Serves connections from `listener` until `shutdown` turns true.
+    pub async fn serve(self: Arc<Self>, listener: TcpListener, mut shutdown: watch::Receiver<bool>) {
+        let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(self.cfg.header_read_timeout);
+        let builder = Arc::new(builder);
+        loop {
+            let (stream, peer) = tokio::select! {
+                r = listener.accept() => match r {
+                    Ok(x) => x,
+                    Err(e) => {
+                        warn!(error = %e, "proxy accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+                _ = async { let _ = shutdown.wait_for(|v| *v).await; } => return,
+            };
+            let _ = stream.set_nodelay(true);
+            let this = self.clone();
+            let builder = builder.clone();
+            tokio::spawn(async move {
+                let svc = service_fn(move |req| {
+                    let this = this.clone();
+                    async move { Ok::<_, Infallible>(this.handle(req, peer).await) }
+                });
+                if let Err(e) = builder.serve_connection(TokioIo::new(stream), svc).await {
+                    debug!(error = %e, "proxy connection ended with an error");
+                }
+            });
+        }
+    }
+
+    async fn handle(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<ProxyBody> {
+        let started = tokio::time::Instant::now();
+        let (host, target) = match self.resolve_host(&req) {
+            Ok(x) => x,
+            Err(resp) => return resp,
+        };
+        let deadline = started + self.cfg.wake_timeout;
+        let upstream = match self.mgr.upstream(&target, deadline).await {
+            Ok(u) => u,
+            Err(e) => return upstream_error(&target, e),
+        };
+        let (parts, body) = req.into_parts();
+        let mut head = Request::from_parts(parts, ());
+        upstream_request_filter(&mut head, &host, peer);
+        let resp = if upstream.woke {
+            // The guest may not be listening yet: hold the body so the request can
+            // be sent again while the service comes up.
+            let body = match Limited::new(body, self.cfg.max_wake_body).collect().await {
+                Ok(c) => c.to_bytes(),
+                Err(e) => {
+                    if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() {
+                        return json_error(
+                            StatusCode::PAYLOAD_TOO_LARGE,
+                            "request body too large to hold while the vm wakes",
+                        );
+                    }
+                    return json_error(StatusCode::BAD_REQUEST, "could not read request body");
+                }
+            };
+            self.send_with_retry(&head, body, upstream, deadline).await
+        } else {
+            let req = build_upstream(&head, upstream.addr, body.map_err(BoxError::from).boxed());
+            self.client.request(req).await.map_err(|e| e.to_string())
+        };
+        match resp {
+            Ok(resp) => response_filter(resp),
+            Err(e) => {
+                warn!(subdomain = %host, vm_id = %target.vm_id, error = %e, "upstream request failed");
+                json_error(
+                    StatusCode::BAD_GATEWAY,
+                    &format!("vm {} is not answering on port {}", target.vm_id, target.port),
+                )
+            }
+        }
+    }
+
+    /// Phase 1: Host → route.
+    fn resolve_host<B>(&self, req: &Request<B>) -> Result<(String, RouteTarget), Response<ProxyBody>> {
+        let base = &self.cfg.base_domain;
+        let mut hosts = req.headers().get_all(header::HOST).iter();
+        let host = match (hosts.next(), hosts.next()) {
+            (Some(_), Some(_)) => Err(host::HostError::Multiple),
+            (Some(h), None) => h.to_str().map_err(|_| host::HostError::Malformed),
+            (None, _) => req
+                .uri()
+                .authority()
+                .map(|a| a.as_str())
+                .ok_or(host::HostError::Missing),
+        };
+        let sub = host.and_then(|h| host::subdomain_of(h, base).map(|s| (h.to_string(), s)));
+        let (host, sub) = match sub {
+            Ok(x) => x,
+            Err(e) => {
+                let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::BAD_REQUEST);
+                return Err(json_error(status, &e.message(base)));
+            }
+        };
+        match self.mgr.lookup(&sub) {
+            Some(t) => Ok((host, t)),
+            None => Err(json_error(
+                StatusCode::NOT_FOUND,
+                &format!("no route for subdomain {sub:?}"),
+            )),
+        }
+    }
+
+    /// Phase 3 for a just-woken VM: a refused or reset connection means the
+    /// guest's service is not listening yet (user-mode networking accepts on the
+    /// host side, then closes when the guest refuses), so send again, polling
+    /// fast, until the deadline.
+    async fn send_with_retry(
+        &self,
+        head: &Request<()>,
+        body: Bytes,
+        upstream: Upstream,
+        deadline: tokio::time::Instant,
+    ) -> Result<Response<Incoming>, String> {
+        let mut backoff = Duration::from_millis(2);
+        loop {
+            let req = build_upstream(head, upstream.addr, Full::new(body.clone()).map_err(BoxError::from).boxed());
+            match self.client.request(req).await {
+                Ok(r) => return Ok(r),
+                Err(e) => {
+                    let now = tokio::time::Instant::now();
+                    if now + backoff >= deadline {
+                        return Err(format!("guest port did not answer before the wake deadline: {e}"));
+                    }
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_millis(50));
+                }
+            }
+        }
+    }
+}
+
+/// Headers that belong to one connection and are never forwarded.
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+];
+
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for n in named.iter().chain(HOP_BY_HOP.iter()) {
+        headers.remove(n);
+    }
+    headers.remove(header::UPGRADE);
+}
+
+/// Phase 4: what the guest sees.
+fn upstream_request_filter(req: &mut Request<()>, host: &str, peer: SocketAddr) {
+    let headers = req.headers_mut();
+    strip_hop_by_hop(headers);
+    let client_ip = peer.ip().to_string();
+    let xff = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+        Some(prev) if !prev.trim().is_empty() => format!("{prev}, {client_ip}"),
+        _ => client_ip,
+    };
+    headers.remove("x-forwarded-for");
+    if let Ok(v) = HeaderValue::from_str(&xff) {
+        headers.insert("x-forwarded-for", v);
+    }
+    if let Ok(v) = HeaderValue::from_str(host) {
+        headers.insert("x-forwarded-host", v.clone());
+        // HTTP/2 clients send :authority, not Host; the guest gets a Host.
+        headers.entry(header::HOST).or_insert(v);
+    }
+    headers.insert("x-forwarded-proto", HeaderValue::from_static("http"));
+}
+
+fn build_upstream(head: &Request<()>, addr: SocketAddr, body: ProxyBody) -> Request<ProxyBody> {
+    let pq = head.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/");
+    let uri: Uri = format!("http://{addr}{pq}").parse().unwrap_or_else(|_| Uri::from_static("/"));
+    let mut req = Request::new(body);
+    *req.method_mut() = head.method().clone();
+    *req.uri_mut() = uri;
+    *req.headers_mut() = head.headers().clone();
+    req
+}
+
+/// Phase 5: what the client sees.
+fn response_filter(resp: Response<Incoming>) -> Response<ProxyBody> {
+    let (mut parts, body) = resp.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    Response::from_parts(parts, body.map_err(BoxError::from).boxed())
+}
+
+fn upstream_error(target: &RouteTarget, e: UpstreamError) -> Response<ProxyBody> {
+    let status = match &e {
+        UpstreamError::VmGone => StatusCode::BAD_GATEWAY,
+        UpstreamError::NotServing(..) => StatusCode::SERVICE_UNAVAILABLE,
+        UpstreamError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
+        UpstreamError::WakeFailed(_) => StatusCode::SERVICE_UNAVAILABLE,
+        UpstreamError::Internal(_) => StatusCode::BAD_GATEWAY,
+    };
+    if status != StatusCode::SERVICE_UNAVAILABLE || matches!(e, UpstreamError::WakeFailed(_)) {
+        warn!(vm_id = %target.vm_id, error = %e, "proxy could not reach vm");
+    }
+    json_error(status, &e.to_string())
+}
+
+/// A JSON error response: `{"error": "..."}`.
+pub fn json_error(status: StatusCode, msg: &str) -> Response<ProxyBody> {
+    let body = serde_json::json!({ "error": msg }).to_string();
+    let mut resp = Response::new(Full::new(Bytes::from(body)).map_err(BoxError::from).boxed());
+    *resp.status_mut() = status;
+    resp.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    resp
+}
