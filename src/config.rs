@@ -60,7 +60,11 @@ pub const DEFAULT_BOOT_ARGS: &str = "console=ttyS0 reboot=k panic=1 quiet";
 /// Reads the configuration from a variable lookup (the process environment in
 /// `hatchd`, a map in tests).
 pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
-    let raw = |var: &str| get(var).map(|v| v.trim().to_string()).filter(|v| !v.is_empty());
+    let raw = |var: &str| {
+        get(var)
+            .map(|v| v.trim().to_string())
+            .filter(|v| !v.is_empty())
+    };
     let err = |var: &str, value: &str, reason: String| ConfigError {
         var: var.to_string(),
         value: value.to_string(),
@@ -74,11 +78,7 @@ pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<Config, Confi
         let v = raw(var).unwrap_or_else(|| def.to_string());
         parse_duration(&v).map_err(|r| err(var, &v, r))
     };
-    fn num<T: std::str::FromStr>(
-        v: Option<String>,
-        var: &str,
-        def: T,
-    ) -> Result<T, ConfigError>
+    fn num<T: std::str::FromStr>(v: Option<String>, var: &str, def: T) -> Result<T, ConfigError>
     where
         T::Err: std::fmt::Display,
     {
@@ -106,7 +106,11 @@ pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<Config, Confi
     };
     let vmm = raw("HATCH_VMM").unwrap_or_else(|| "qemu".into());
     if vmm != "qemu" && vmm != "firecracker" {
-        return Err(err("HATCH_VMM", &vmm, "expected qemu or firecracker".into()));
+        return Err(err(
+            "HATCH_VMM",
+            &vmm,
+            "expected qemu or firecracker".into(),
+        ));
     }
     let cfg = Config {
         http_addr: addr("HATCH_HTTP_ADDR", ":8080")?,
@@ -131,7 +135,8 @@ pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<Config, Confi
         default_kernel_path: raw("HATCH_DEFAULT_KERNEL_PATH").map(PathBuf::from),
         default_rootfs_path: raw("HATCH_DEFAULT_ROOTFS_PATH").map(PathBuf::from),
         default_image_dir: PathBuf::from(
-            raw("HATCH_DEFAULT_IMAGE_DIR").unwrap_or_else(|| "/var/lib/hatch/images/default".into()),
+            raw("HATCH_DEFAULT_IMAGE_DIR")
+                .unwrap_or_else(|| "/var/lib/hatch/images/default".into()),
         ),
         idle_timeout: dur("HATCH_IDLE_TIMEOUT", "45m")?,
         idle_check_interval: dur("HATCH_IDLE_CHECK_INTERVAL", "5m")?,
@@ -154,7 +159,10 @@ pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<Config, Confi
         return Err(err(
             "HATCH_SSH_PORT_MIN",
             &cfg.ssh_port_min.to_string(),
-            format!("invalid SSH port range: {}-{}", cfg.ssh_port_min, cfg.ssh_port_max),
+            format!(
+                "invalid SSH port range: {}-{}",
+                cfg.ssh_port_min, cfg.ssh_port_max
+            ),
         ));
     }
     if !is_cidr(&cfg.ssh_allowed_cidr) {
@@ -165,7 +173,11 @@ pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<Config, Confi
         ));
     }
     if cfg.proxy_wake_timeout.is_zero() {
-        return Err(err("HATCH_PROXY_WAKE_TIMEOUT", "0", "must be positive".into()));
+        return Err(err(
+            "HATCH_PROXY_WAKE_TIMEOUT",
+            "0",
+            "must be positive".into(),
+        ));
     }
     if cfg.default_vcpu == 0 {
         return Err(err("HATCH_DEFAULT_VCPU", "0", "must be at least 1".into()));
@@ -261,8 +273,10 @@ mod tests {
     use std::collections::HashMap;
 
     fn cfg(pairs: &[(&str, &str)]) -> Result<Config, ConfigError> {
-        let m: HashMap<String, String> =
-            pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let m: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         from_lookup(|k| m.get(k).cloned())
     }
 
@@ -297,14 +311,22 @@ mod tests {
         let e = cfg(&[("HATCH_PROXY_WAKE_TIMEOUT", "soon")]).unwrap_err();
         assert_eq!(e.var, "HATCH_PROXY_WAKE_TIMEOUT");
         assert!(e.to_string().contains("HATCH_PROXY_WAKE_TIMEOUT"));
-        assert_eq!(cfg(&[("HATCH_PROXY_ADDR", "nope")]).unwrap_err().var, "HATCH_PROXY_ADDR");
+        assert_eq!(
+            cfg(&[("HATCH_PROXY_ADDR", "nope")]).unwrap_err().var,
+            "HATCH_PROXY_ADDR"
+        );
         assert_eq!(
             cfg(&[("HATCH_MAX_VMS_PER_USER", "-1")]).unwrap_err().var,
             "HATCH_MAX_VMS_PER_USER"
         );
-        assert_eq!(cfg(&[("HATCH_QEMU_ACCEL", "xen")]).unwrap_err().var, "HATCH_QEMU_ACCEL");
         assert_eq!(
-            cfg(&[("HATCH_SSH_ALLOWED_CIDR", "everyone")]).unwrap_err().var,
+            cfg(&[("HATCH_QEMU_ACCEL", "xen")]).unwrap_err().var,
+            "HATCH_QEMU_ACCEL"
+        );
+        assert_eq!(
+            cfg(&[("HATCH_SSH_ALLOWED_CIDR", "everyone")])
+                .unwrap_err()
+                .var,
             "HATCH_SSH_ALLOWED_CIDR"
         );
     }

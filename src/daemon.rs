@@ -84,7 +84,10 @@ fn default_image_files(cfg: &Config) -> Option<(PathBuf, PathBuf, String)> {
 }
 
 /// Builds the hypervisor the configuration asks for.
-pub async fn hypervisor(cfg: &Config, image: Option<&(PathBuf, PathBuf, String)>) -> Arc<dyn Hypervisor> {
+pub async fn hypervisor(
+    cfg: &Config,
+    image: Option<&(PathBuf, PathBuf, String)>,
+) -> Arc<dyn Hypervisor> {
     let accel = match cfg.qemu_accel {
         Accel::Auto => AccelChoice::Auto,
         Accel::Tcg => AccelChoice::Tcg,
@@ -93,6 +96,10 @@ pub async fn hypervisor(cfg: &Config, image: Option<&(PathBuf, PathBuf, String)>
     let qcfg = QemuConfig {
         binary: PathBuf::from(&cfg.qemu_bin),
         accel,
+        // A machine dropped before it was handed over (a wake that timed out)
+        // must not leave its process behind. Machines that are handed over are
+        // only dropped after their process has exited.
+        kill_on_drop: true,
         ..QemuConfig::default()
     };
     let hv = match image {
@@ -117,7 +124,8 @@ pub async fn start(cfg: Config) -> Result<Running, DaemonError> {
 
 /// Starts hatchd with the given hypervisor (tests pass the fake one).
 pub async fn start_with(cfg: Config, hv: Arc<dyn Hypervisor>) -> Result<Running, DaemonError> {
-    std::fs::create_dir_all(&cfg.data_dir).map_err(|e| DaemonError::DataDir(cfg.data_dir.clone(), e))?;
+    std::fs::create_dir_all(&cfg.data_dir)
+        .map_err(|e| DaemonError::DataDir(cfg.data_dir.clone(), e))?;
     let store = match &cfg.database_url {
         Some(url) => Store::open_url(url).await?,
         None => Store::open_dir(&cfg.data_dir).await?,
@@ -154,7 +162,9 @@ pub async fn start_with(cfg: Config, hv: Arc<dyn Hypervisor>) -> Result<Running,
     let proxy_listener = TcpListener::bind(cfg.proxy_addr)
         .await
         .map_err(|e| DaemonError::Listen(cfg.proxy_addr, e))?;
-    let api_addr = api_listener.local_addr().map_err(|e| DaemonError::Listen(cfg.http_addr, e))?;
+    let api_addr = api_listener
+        .local_addr()
+        .map_err(|e| DaemonError::Listen(cfg.http_addr, e))?;
     let proxy_addr = proxy_listener
         .local_addr()
         .map_err(|e| DaemonError::Listen(cfg.proxy_addr, e))?;

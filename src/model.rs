@@ -152,10 +152,40 @@ pub const DEFAULT_IMAGE_ID: &str = "img_default";
 
 /// Subdomains nobody may claim (the seed's list).
 pub const RESERVED_SUBDOMAINS: &[&str] = &[
-    "api", "www", "admin", "app", "dashboard", "mail", "smtp", "ftp", "ssh", "ns1", "ns2",
-    "status", "docs", "help", "support", "billing", "login", "auth", "oauth", "cdn", "static",
-    "assets", "media", "hatch", "console", "panel", "grafana", "prometheus", "traefik", "minio",
-    "postgres", "db", "redis", "internal",
+    "api",
+    "www",
+    "admin",
+    "app",
+    "dashboard",
+    "mail",
+    "smtp",
+    "ftp",
+    "ssh",
+    "ns1",
+    "ns2",
+    "status",
+    "docs",
+    "help",
+    "support",
+    "billing",
+    "login",
+    "auth",
+    "oauth",
+    "cdn",
+    "static",
+    "assets",
+    "media",
+    "hatch",
+    "console",
+    "panel",
+    "grafana",
+    "prometheus",
+    "traefik",
+    "minio",
+    "postgres",
+    "db",
+    "redis",
+    "internal",
 ];
 
 static SUBDOMAIN_RE: LazyLock<regex::Regex> = LazyLock::new(|| {
@@ -198,7 +228,9 @@ mod tests {
         assert!(id.starts_with("vm_"));
         let rest = &id[3..];
         assert_eq!(rest.len(), 12);
-        assert!(rest.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit()));
+        assert!(rest
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit()));
     }
 
     #[test]
@@ -208,15 +240,25 @@ mod tests {
         assert!(validate_subdomain("a-b-1").is_ok());
         assert!(validate_subdomain(&"a".repeat(63)).is_ok());
         for bad in ["", "-a", "a-", "MyApp", "a_b", "a.b", " a", "é"] {
-            assert_eq!(validate_subdomain(bad), Err(SubdomainError::Invalid), "{bad}");
+            assert_eq!(
+                validate_subdomain(bad),
+                Err(SubdomainError::Invalid),
+                "{bad}"
+            );
         }
-        assert_eq!(validate_subdomain(&"a".repeat(64)), Err(SubdomainError::Invalid));
+        assert_eq!(
+            validate_subdomain(&"a".repeat(64)),
+            Err(SubdomainError::Invalid)
+        );
         assert_eq!(
             validate_subdomain("api").unwrap_err().to_string(),
             "subdomain \"api\" is reserved"
         );
         for r in RESERVED_SUBDOMAINS {
-            assert!(matches!(validate_subdomain(r), Err(SubdomainError::Reserved(_))));
+            assert!(matches!(
+                validate_subdomain(r),
+                Err(SubdomainError::Reserved(_))
+            ));
         }
         assert_eq!(RESERVED_SUBDOMAINS.len(), 34);
     }

@@ -1,3 +1,4 @@
+#![allow(clippy::unwrap_used)]
 //! The REST API against the seed (routes) and the reference (VMs): every field,
 //! default, validation rule and error string. Uses the fake hypervisor.
 
@@ -6,7 +7,8 @@ mod common;
 use common::FakeDaemon;
 use serde_json::{json, Value};
 
-const INVALID: &str = "subdomain must be lowercase alphanumeric with optional hyphens (max 63 chars)";
+const INVALID: &str =
+    "subdomain must be lowercase alphanumeric with optional hyphens (max 63 chars)";
 
 fn err(v: &Value) -> &str {
     v["error"].as_str().unwrap_or("<no error field>")
@@ -17,12 +19,27 @@ async fn route_create_has_the_seed_fields_and_defaults() {
     let d = FakeDaemon::start(&[]).await;
     let vm = d.create_vm().await;
     let (s, r) = d
-        .call("POST", &format!("/vms/{vm}/routes"), Some(json!({"subdomain": "myapp", "target_port": 8080})))
+        .call(
+            "POST",
+            &format!("/vms/{vm}/routes"),
+            Some(json!({"subdomain": "myapp", "target_port": 8080})),
+        )
         .await;
     assert_eq!(s, 201, "{r}");
     let mut keys: Vec<&str> = r.as_object().unwrap().keys().map(|k| k.as_str()).collect();
     keys.sort();
-    assert_eq!(keys, ["auto_wake", "created_at", "id", "subdomain", "target_port", "updated_at", "vm_id"]);
+    assert_eq!(
+        keys,
+        [
+            "auto_wake",
+            "created_at",
+            "id",
+            "subdomain",
+            "target_port",
+            "updated_at",
+            "vm_id"
+        ]
+    );
     assert_eq!(r["auto_wake"], true, "auto_wake defaults to true");
     assert_eq!(r["vm_id"], vm.as_str());
     assert_eq!(r["target_port"], 8080);
@@ -33,7 +50,11 @@ async fn route_create_has_the_seed_fields_and_defaults() {
 
     // No subdomain: a random 12-character one that obeys the rule.
     let (s, r) = d
-        .call("POST", &format!("/vms/{vm}/routes"), Some(json!({"target_port": 3000, "auto_wake": false})))
+        .call(
+            "POST",
+            &format!("/vms/{vm}/routes"),
+            Some(json!({"target_port": 3000, "auto_wake": false})),
+        )
         .await;
     assert_eq!(s, 201, "{r}");
     let sub = r["subdomain"].as_str().unwrap();
@@ -42,7 +63,11 @@ async fn route_create_has_the_seed_fields_and_defaults() {
     assert_eq!(r["auto_wake"], false);
     // An empty subdomain means "pick one" as well.
     let (s, r) = d
-        .call("POST", &format!("/vms/{vm}/routes"), Some(json!({"subdomain": "", "target_port": 1})))
+        .call(
+            "POST",
+            &format!("/vms/{vm}/routes"),
+            Some(json!({"subdomain": "", "target_port": 1})),
+        )
         .await;
     assert_eq!(s, 201, "{r}");
     assert_eq!(r["subdomain"].as_str().unwrap().len(), 12);
@@ -58,18 +83,28 @@ async fn target_port_must_be_in_range() {
         json!({"subdomain": "p1", "target_port": 65536}),
         json!({"subdomain": "p1", "target_port": -5}),
     ] {
-        let (s, v) = d.call("POST", &format!("/vms/{vm}/routes"), Some(body.clone())).await;
+        let (s, v) = d
+            .call("POST", &format!("/vms/{vm}/routes"), Some(body.clone()))
+            .await;
         assert_eq!(s, 400, "{body}");
         assert_eq!(err(&v), "target_port must be between 1 and 65535");
     }
     for port in [1, 65535] {
         let (s, v) = d
-            .call("POST", &format!("/vms/{vm}/routes"), Some(json!({"target_port": port})))
+            .call(
+                "POST",
+                &format!("/vms/{vm}/routes"),
+                Some(json!({"target_port": port})),
+            )
             .await;
         assert_eq!(s, 201, "{v}");
     }
     let (s, v) = d
-        .call("POST", &format!("/vms/{vm}/routes"), Some(json!({"target_port": "8080"})))
+        .call(
+            "POST",
+            &format!("/vms/{vm}/routes"),
+            Some(json!({"target_port": "8080"})),
+        )
         .await;
     assert_eq!(s, 400);
     assert!(err(&v).contains("invalid JSON body"), "{v}");
@@ -81,20 +116,41 @@ async fn subdomain_rule_reserved_list_and_exact_messages() {
     let vm = d.create_vm().await;
     let long_ok = "a".repeat(63);
     let long_bad = "a".repeat(64);
-    for bad in ["MyApp", "-app", "app-", "my_app", "my.app", "my app", long_bad.as_str(), "ünï"] {
+    for bad in [
+        "MyApp",
+        "-app",
+        "app-",
+        "my_app",
+        "my.app",
+        "my app",
+        long_bad.as_str(),
+        "ünï",
+    ] {
         let (s, v) = d
-            .call("POST", &format!("/vms/{vm}/routes"), Some(json!({"subdomain": bad, "target_port": 8080})))
+            .call(
+                "POST",
+                &format!("/vms/{vm}/routes"),
+                Some(json!({"subdomain": bad, "target_port": 8080})),
+            )
             .await;
         assert_eq!(s, 400, "{bad}");
         assert_eq!(err(&v), INVALID, "{bad}");
     }
     let (s, v) = d
-        .call("POST", &format!("/vms/{vm}/routes"), Some(json!({"subdomain": long_ok, "target_port": 8080})))
+        .call(
+            "POST",
+            &format!("/vms/{vm}/routes"),
+            Some(json!({"subdomain": long_ok, "target_port": 8080})),
+        )
         .await;
     assert_eq!(s, 201, "{v}");
     for r in hatch::model::RESERVED_SUBDOMAINS {
         let (s, v) = d
-            .call("POST", &format!("/vms/{vm}/routes"), Some(json!({"subdomain": r, "target_port": 8080})))
+            .call(
+                "POST",
+                &format!("/vms/{vm}/routes"),
+                Some(json!({"subdomain": r, "target_port": 8080})),
+            )
             .await;
         assert_eq!(s, 400, "{r}");
         assert_eq!(err(&v), format!("subdomain \"{r}\" is reserved"));
@@ -109,7 +165,10 @@ async fn subdomain_rule_reserved_list_and_exact_messages() {
         .await
         .unwrap();
     assert_eq!(resp.headers()["content-type"], "application/json");
-    assert_eq!(resp.text().await.unwrap(), r#"{"error":"subdomain \"api\" is reserved"}"#);
+    assert_eq!(
+        resp.text().await.unwrap(),
+        r#"{"error":"subdomain \"api\" is reserved"}"#
+    );
 }
 
 #[tokio::test]
@@ -118,7 +177,11 @@ async fn duplicate_subdomain_is_409_even_when_racing() {
     let vm = d.create_vm().await;
     d.route(&vm, "myapp", true).await;
     let (s, v) = d
-        .call("POST", &format!("/vms/{vm}/routes"), Some(json!({"subdomain": "myapp", "target_port": 9000})))
+        .call(
+            "POST",
+            &format!("/vms/{vm}/routes"),
+            Some(json!({"subdomain": "myapp", "target_port": 9000})),
+        )
         .await;
     assert_eq!(s, 409);
     assert_eq!(err(&v), "subdomain \"myapp\" is already in use");
@@ -127,7 +190,11 @@ async fn duplicate_subdomain_is_409_even_when_racing() {
     let mut tasks = Vec::new();
     for i in 0..16 {
         let http = d.http.clone();
-        let url = format!("{}/vms/{}/routes", d.api, if i % 2 == 0 { &vm } else { &vm2 });
+        let url = format!(
+            "{}/vms/{}/routes",
+            d.api,
+            if i % 2 == 0 { &vm } else { &vm2 }
+        );
         let key = d.key.clone();
         tasks.push(tokio::spawn(async move {
             let r = http
@@ -158,17 +225,45 @@ async fn list_is_newest_first_and_delete_says_deleted() {
     let d = FakeDaemon::start(&[]).await;
     let vm = d.create_vm().await;
     let (s, v) = d.call("GET", &format!("/vms/{vm}/routes"), None).await;
-    assert_eq!((s, v.clone()), (200, json!([])), "empty list is [] not null");
+    assert_eq!(
+        (s, v.clone()),
+        (200, json!([])),
+        "empty list is [] not null"
+    );
     let a = d.route(&vm, "first", true).await;
     let b = d.route(&vm, "second", false).await;
     let c = d.route(&vm, "third", true).await;
     let (_, list) = d.call("GET", &format!("/vms/{vm}/routes"), None).await;
-    let ids: Vec<&str> = list.as_array().unwrap().iter().map(|r| r["id"].as_str().unwrap()).collect();
-    assert_eq!(ids, [c["id"].as_str().unwrap(), b["id"].as_str().unwrap(), a["id"].as_str().unwrap()]);
+    let ids: Vec<&str> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        ids,
+        [
+            c["id"].as_str().unwrap(),
+            b["id"].as_str().unwrap(),
+            a["id"].as_str().unwrap()
+        ]
+    );
 
-    let (s, v) = d.call("DELETE", &format!("/routes/{}", b["id"].as_str().unwrap()), None).await;
+    let (s, v) = d
+        .call(
+            "DELETE",
+            &format!("/routes/{}", b["id"].as_str().unwrap()),
+            None,
+        )
+        .await;
     assert_eq!((s, v), (200, json!({"status": "deleted"})));
-    let (s, v) = d.call("DELETE", &format!("/routes/{}", b["id"].as_str().unwrap()), None).await;
+    let (s, v) = d
+        .call(
+            "DELETE",
+            &format!("/routes/{}", b["id"].as_str().unwrap()),
+            None,
+        )
+        .await;
     assert_eq!(s, 404);
     assert_eq!(err(&v), "not found");
     // The subdomain is free again and no longer routed.
@@ -183,7 +278,11 @@ async fn routes_of_unknown_or_foreign_vms_are_404() {
     let vm = d.create_vm().await;
     let r = d.route(&vm, "mine", true).await;
     let (s, _) = d
-        .call("POST", "/vms/vm_doesnotexist/routes", Some(json!({"target_port": 80})))
+        .call(
+            "POST",
+            "/vms/vm_doesnotexist/routes",
+            Some(json!({"target_port": 80})),
+        )
         .await;
     assert_eq!(s, 404);
     let (s, _) = d.call("GET", "/vms/vm_doesnotexist/routes", None).await;
@@ -191,13 +290,31 @@ async fn routes_of_unknown_or_foreign_vms_are_404() {
 
     // Another user's key sees none of it.
     let mgr = &d.running.as_ref().unwrap().manager;
-    mgr.add_key("bob", &hatch::api::hash_key("bobs-key")).await.unwrap();
-    let bob = |m: reqwest::Method, p: String| d.http.request(m, format!("{}{}", d.api, p)).bearer_auth("bobs-key");
-    let resp = bob(reqwest::Method::DELETE, format!("/routes/{}", r["id"].as_str().unwrap())).send().await.unwrap();
+    mgr.add_key("bob", &hatch::api::hash_key("bobs-key"))
+        .await
+        .unwrap();
+    let bob = |m: reqwest::Method, p: String| {
+        d.http
+            .request(m, format!("{}{}", d.api, p))
+            .bearer_auth("bobs-key")
+    };
+    let resp = bob(
+        reqwest::Method::DELETE,
+        format!("/routes/{}", r["id"].as_str().unwrap()),
+    )
+    .send()
+    .await
+    .unwrap();
     assert_eq!(resp.status(), 404, "someone else's route is 404");
-    let resp = bob(reqwest::Method::GET, format!("/vms/{vm}")).send().await.unwrap();
+    let resp = bob(reqwest::Method::GET, format!("/vms/{vm}"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status(), 404);
-    let resp = bob(reqwest::Method::GET, "/vms".into()).send().await.unwrap();
+    let resp = bob(reqwest::Method::GET, "/vms".into())
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.json::<Value>().await.unwrap(), json!([]));
     let (s, _) = d.call("GET", &format!("/vms/{vm}/routes"), None).await;
     assert_eq!(s, 200, "the route survived bob's attempt");
@@ -209,8 +326,14 @@ async fn auth_is_required_with_clear_errors() {
     let url = format!("{}/vms", d.api);
     let cases: Vec<(Option<(&str, &str)>, &str)> = vec![
         (None, "missing api key"),
-        (Some(("authorization", "Basic abc")), "invalid authorization header"),
-        (Some(("authorization", "Bearer ")), "invalid authorization header"),
+        (
+            Some(("authorization", "Basic abc")),
+            "invalid authorization header",
+        ),
+        (
+            Some(("authorization", "Bearer ")),
+            "invalid authorization header",
+        ),
         (Some(("authorization", "Bearer wrong")), "invalid api key"),
         (Some(("x-api-key", "wrong")), "invalid api key"),
     ];
@@ -223,7 +346,13 @@ async fn auth_is_required_with_clear_errors() {
         assert_eq!(resp.status(), 401, "{h:?}");
         assert_eq!(err(&resp.json::<Value>().await.unwrap()), want);
     }
-    let resp = d.http.get(&url).header("x-api-key", &d.key).send().await.unwrap();
+    let resp = d
+        .http
+        .get(&url)
+        .header("x-api-key", &d.key)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status(), 200);
     // The key file is private and the key is stored hashed.
     use std::os::unix::fs::PermissionsExt;
@@ -232,7 +361,12 @@ async fn auth_is_required_with_clear_errors() {
     let db = std::fs::read(d.dir.path().join("data/hatch.db")).unwrap();
     assert!(!String::from_utf8_lossy(&db).contains(&d.key));
     // Health needs no key.
-    let resp = d.http.get(format!("{}/healthz", d.api)).send().await.unwrap();
+    let resp = d
+        .http
+        .get(format!("{}/healthz", d.api))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status(), 200);
 }
 
@@ -244,11 +378,19 @@ async fn vm_api_shapes_states_and_conflicts() {
     let (s, v) = d.call("POST", "/vms", Some(json!({"bogus": 1}))).await;
     assert_eq!(s, 400);
     assert!(err(&v).contains("unknown field"), "{v}");
-    let (s, v) = d.call("POST", "/vms", Some(json!({"image_id": "img_nope"}))).await;
+    let (s, v) = d
+        .call("POST", "/vms", Some(json!({"image_id": "img_nope"})))
+        .await;
     assert_eq!(s, 400);
     assert_eq!(err(&v), "image not found: img_nope");
 
-    let (s, vm) = d.call("POST", "/vms", Some(json!({"vcpu_count": 99, "mem_mib": 1}))).await;
+    let (s, vm) = d
+        .call(
+            "POST",
+            "/vms",
+            Some(json!({"vcpu_count": 99, "mem_mib": 1})),
+        )
+        .await;
     assert_eq!(s, 201, "{vm}");
     let id = vm["id"].as_str().unwrap().to_string();
     assert!(id.starts_with("vm_") && id.len() == 15);

@@ -1,3 +1,4 @@
+#![allow(clippy::unwrap_used)]
 //! The proxy and the wake logic with the fake hypervisor: deterministic checks of
 //! host parsing (cases H1–H3) and the wake rules (W1–W5), plus auto_wake=false,
 //! stopped VMs, request bodies and restarts. The same flows run against real QEMU
@@ -33,7 +34,11 @@ fn is_json_error(body: &str) -> bool {
 async fn h1_host_case_and_port_are_ignored() {
     let d = FakeDaemon::start(&[]).await;
     let vm = running_vm_with_route(&d, "myapp", true).await;
-    for host in ["MyApp.Hatch.Local:9090", "myapp.hatch.local:80", "myapp.hatch.local."] {
+    for host in [
+        "MyApp.Hatch.Local:9090",
+        "myapp.hatch.local:80",
+        "myapp.hatch.local.",
+    ] {
         let (s, body) = d.get(host).await;
         assert_eq!(s, 200, "{host}: {body}");
         assert!(body.contains(&vm), "{host}: {body}");
@@ -45,7 +50,11 @@ async fn h2_uppercase_route_refused_uppercase_host_routes() {
     let d = FakeDaemon::start(&[]).await;
     let vm = running_vm_with_route(&d, "myapp", true).await;
     let (s, v) = d
-        .call("POST", &format!("/vms/{vm}/routes"), Some(json!({"subdomain": "MyApp", "target_port": 8080})))
+        .call(
+            "POST",
+            &format!("/vms/{vm}/routes"),
+            Some(json!({"subdomain": "MyApp", "target_port": 8080})),
+        )
         .await;
     assert_eq!(s, 400);
     assert_eq!(
@@ -81,7 +90,11 @@ async fn h3_malformed_hosts_get_json_4xx_and_reach_no_vm() {
         assert!((400..500).contains(&s), "{r:?} → {s} {body}");
         assert!(is_json_error(&body), "{r:?} → {body}");
     }
-    assert_eq!(d.fake.restores.load(SeqCst), restores, "no bad request woke the vm");
+    assert_eq!(
+        d.fake.restores.load(SeqCst),
+        restores,
+        "no bad request woke the vm"
+    );
     let (_, v) = d.call("GET", &format!("/vms/{vm}"), None).await;
     assert_eq!(v["state"], "snapshotted");
     let (s, body) = d.get("myapp.hatch.local:9090").await;
@@ -130,7 +143,8 @@ async fn w2_fifty_concurrent_gets_share_one_restore() {
 async fn w3_service_that_listens_late_still_gets_200() {
     let d = FakeDaemon::start(&[]).await;
     let vm = cold_vm(&d, "myapp", true).await;
-    d.fake.set(|b| b.service_delay = Duration::from_millis(1500));
+    d.fake
+        .set(|b| b.service_delay = Duration::from_millis(1500));
     let t0 = Instant::now();
     let (s, body) = d.get("myapp.hatch.local").await;
     assert_eq!(s, 200, "{body}");
@@ -148,7 +162,10 @@ async fn w4_wake_timeout_is_504_and_the_next_request_tries_again() {
     let took = t0.elapsed();
     assert_eq!(s, 504, "{body}");
     assert!(is_json_error(&body), "{body}");
-    assert!(took >= Duration::from_millis(1900) && took < Duration::from_secs(6), "{took:?}");
+    assert!(
+        took >= Duration::from_millis(1900) && took < Duration::from_secs(6),
+        "{took:?}"
+    );
     // Not stuck "waking": the snapshot is still good, and the next request starts
     // a fresh attempt that succeeds.
     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -172,7 +189,10 @@ async fn w5_failed_wake_is_503_and_state_tells_the_truth() {
     assert!(is_json_error(&body));
     let (_, v) = d.call("GET", &format!("/vms/{vm}"), None).await;
     assert_eq!(v["state"], "error", "{v}");
-    assert!(v["last_error"].as_str().unwrap().contains("restore failed"), "{v}");
+    assert!(
+        v["last_error"].as_str().unwrap().contains("restore failed"),
+        "{v}"
+    );
     // An error VM is not woken behind the user's back, but can be started.
     let (s, _) = d.get("myapp.hatch.local").await;
     assert_eq!(s, 503);

@@ -1,3 +1,4 @@
+#![allow(clippy::unwrap_used)]
 //! Real-QEMU tests of the QEMU driver, against the image built by `scripts/build-image`
 //! (directory from `HATCH_TEST_IMAGE_DIR`, default `/var/lib/hatch/images/default`).
 //! They fail, never skip, when QEMU or the image is missing.
@@ -10,10 +11,13 @@ use hatch::vmm::qemu::{AccelChoice, QemuConfig, QemuHypervisor};
 use hatch::vmm::{BootSpec, Hypervisor, Machine, VmmError};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::Semaphore;
+use tokio::sync::{RwLock, Semaphore};
 
 /// At most two guests at a time (2-core hosts, TCG).
 static GUESTS: Semaphore = Semaphore::const_new(2);
+/// The leak test counts this process's fds and children: it runs alone (write
+/// lock); every other test holds a read lock.
+static EXCLUSIVE: RwLock<()> = RwLock::const_new(());
 
 struct Image {
     kernel: PathBuf,
@@ -62,6 +66,7 @@ fn hypervisor() -> QemuHypervisor {
     QemuHypervisor::new(QemuConfig {
         accel: AccelChoice::from_env().unwrap_or(AccelChoice::Tcg),
         ready_timeout: Duration::from_secs(90),
+        kill_on_drop: true,
         ..QemuConfig::default()
     })
 }
@@ -83,7 +88,8 @@ fn spec(img: &Image, vm_id: &str, work_dir: &Path, user_data: &str, ports: &[u16
 /// One HTTP/1.0 GET of `/`; returns the whole response.
 async fn get_once(addr: SocketAddr) -> std::io::Result<String> {
     let mut s = TcpStream::connect(addr).await?;
-    s.write_all(b"GET / HTTP/1.0\r\nHost: guest\r\n\r\n").await?;
+    s.write_all(b"GET / HTTP/1.0\r\nHost: guest\r\n\r\n")
+        .await?;
     let mut out = Vec::new();
     s.read_to_end(&mut out).await?;
     Ok(String::from_utf8_lossy(&out).into_owned())
@@ -92,7 +98,7 @@ async fn get_once(addr: SocketAddr) -> std::io::Result<String> {
 /// GET until a 200 response arrives or the deadline passes; returns the body.
 async fn get_until_ok(addr: SocketAddr, within: Duration) -> String {
     let deadline = Instant::now() + within;
-    let mut last = String::new();
+    let mut last;
     loop {
         match tokio::time::timeout(Duration::from_secs(5), get_once(addr)).await {
             Ok(Ok(resp)) if resp.starts_with("HTTP/1.") && resp.contains(" 200 ") => {
@@ -136,6 +142,7 @@ async fn assert_exits(machine: &dyn Machine, pid: u32) {
 async fn boot_snapshot_restore_shutdown() {
     init_tracing();
     let img = image();
+    let _shared = EXCLUSIVE.read().await;
     let _slot = GUESTS.acquire().await.expect("semaphore");
     let hv = hypervisor();
     assert_eq!(hv.name(), "qemu-tcg");
@@ -163,7 +170,9 @@ async fn boot_snapshot_restore_shutdown() {
     assert!(snap.is_file(), "snapshot file missing");
     assert!(std::fs::metadata(&snap).expect("meta").len() > 1_000_000);
     assert_exits(m.as_ref(), pid).await;
-    m.shutdown().await.expect("shutdown after snapshot is a no-op");
+    m.shutdown()
+        .await
+        .expect("shutdown after snapshot is a no-op");
     let leftovers: Vec<_> = std::fs::read_dir(tmp.path().join("snaps"))
         .expect("readdir")
         .map(|e| e.expect("entry").file_name())
@@ -196,6 +205,7 @@ async fn boot_snapshot_restore_shutdown() {
 async fn user_data_script_and_runtime_forward() {
     init_tracing();
     let img = image();
+    let _shared = EXCLUSIVE.read().await;
     let _slot = GUESTS.acquire().await.expect("semaphore");
     let hv = hypervisor();
     let tmp = tempfile::tempdir().expect("tempdir");
@@ -217,9 +227,19 @@ async fn user_data_script_and_runtime_forward() {
         "unexpected answer on 8080: {r:?}"
     );
 
+    // A snapshot that cannot be written fails and leaves the guest running.
+    let pid = m.pid().expect("pid");
+    let bad = Path::new("/proc/hatch-cannot-write.snap");
+    assert!(
+        m.snapshot(bad).await.is_err(),
+        "snapshot into /proc succeeded"
+    );
+    assert!(process_alive(pid));
+    let body = get_until_ok(addr, Duration::from_secs(10)).await;
+    assert_eq!(body, "script page hatch-vm-script\n");
+
     // Snapshot and restore with the runtime-added port in the spec.
     let snap = tmp.path().join("vm.snap");
-    let pid = m.pid().expect("pid");
     m.snapshot(&snap).await.expect("snapshot");
     assert_exits(m.as_ref(), pid).await;
     let spec1 = BootSpec {
@@ -240,6 +260,7 @@ async fn user_data_script_and_runtime_forward() {
 #[tokio::test]
 async fn restore_from_missing_file_fails() {
     let img = image();
+    let _shared = EXCLUSIVE.read().await;
     let hv = hypervisor();
     let tmp = tempfile::tempdir().expect("tempdir");
     let spec = spec(&img, "vm-missing", &tmp.path().join("vm"), "", &[8080]);
@@ -253,6 +274,7 @@ async fn restore_from_missing_file_fails() {
 #[tokio::test]
 async fn boot_failure_reports_exit() {
     let img = image();
+    let _shared = EXCLUSIVE.read().await;
     let hv = hypervisor();
     let tmp = tempfile::tempdir().expect("tempdir");
     let mut spec = spec(&img, "vm-bad", &tmp.path().join("vm"), "", &[8080]);
@@ -265,4 +287,108 @@ async fn boot_failure_reports_exit() {
         VmmError::Exited(msg) => assert!(msg.contains("no-such-kernel"), "{msg}"),
         other => panic!("expected Exited, got {other:?}"),
     }
+}
+
+fn open_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd").expect("fd dir").count()
+}
+
+/// Live (non-zombie) child processes of this test process.
+fn children() -> Vec<u32> {
+    let me = std::process::id();
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").expect("proc").flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        let rest: Vec<&str> = stat
+            .rsplit(')')
+            .next()
+            .unwrap_or("")
+            .split_whitespace()
+            .collect();
+        if rest.len() > 1 && rest[0] != "Z" && rest[1] == me.to_string() {
+            out.push(pid);
+        }
+    }
+    out.sort_unstable();
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repeated_snapshot_restore_leaks_nothing() {
+    init_tracing();
+    let img = image();
+    let _alone = EXCLUSIVE.write().await;
+    let hv = hypervisor();
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let vm_id = "vm-cycles";
+    let mut spec = spec(&img, vm_id, &tmp.path().join("vm"), "", &[8080]);
+    let mut m = hv.boot(&spec).await.expect("boot");
+    m.forward_port(8081).await.expect("runtime forward");
+    spec.guest_ports = vec![8080, 8081];
+    let snap = tmp.path().join("vm.snap");
+    let mut baseline: Option<(usize, usize)> = None;
+    for cycle in 0..6 {
+        let body = get_until_ok(m.forwarded(8080).expect("8080"), Duration::from_secs(20)).await;
+        assert_eq!(body, format!("hatch guest {vm_id}\n"));
+        assert!(m.forwarded(8081).is_some(), "8081 lost in cycle {cycle}");
+        let now = (open_fds(), children().len());
+        assert_eq!(
+            now.1,
+            1,
+            "expected exactly one qemu child: {:?}",
+            children()
+        );
+        match baseline {
+            None => baseline = Some(now),
+            Some(b) => assert_eq!(now, b, "fds/children changed in cycle {cycle}"),
+        }
+        let pid = m.pid().expect("pid");
+        m.snapshot(&snap).await.expect("snapshot");
+        assert_exits(m.as_ref(), pid).await;
+        drop(m);
+        m = hv.restore(&spec, &snap).await.expect("restore");
+    }
+    m.shutdown().await.expect("shutdown");
+    drop(m);
+    assert!(children().is_empty(), "children left: {:?}", children());
+
+    // With kill_on_drop (set by these tests), dropping a machine ends its process.
+    let m = hv.restore(&spec, &snap).await.expect("restore");
+    let pid = m.pid().expect("pid");
+    drop(m);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while process_alive(pid) {
+        assert!(
+            Instant::now() < deadline,
+            "dropped machine's qemu still alive"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn detect_picks_a_working_accelerator() {
+    init_tracing();
+    let img = image();
+    let _shared = EXCLUSIVE.read().await;
+    let _slot = GUESTS.acquire().await.expect("semaphore");
+    let t = Instant::now();
+    let hv = QemuHypervisor::detect(
+        QemuConfig {
+            kill_on_drop: true,
+            ..QemuConfig::default()
+        },
+        &img.kernel,
+        Some(&img.initrd),
+        &img.boot_args,
+    )
+    .await;
+    eprintln!("detect chose {} in {:?}", hv.name(), t.elapsed());
+    assert!(matches!(hv.accel(), AccelChoice::Tcg | AccelChoice::Kvm));
+    assert!(t.elapsed() < Duration::from_secs(40));
 }

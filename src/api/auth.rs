@@ -17,7 +17,11 @@ pub fn hash_key(key: &str) -> String {
     hex::encode(Sha256::digest(key.as_bytes()))
 }
 
-pub(super) async fn require_key(State(s): State<AppState>, mut req: Request, next: Next) -> Response {
+pub(super) async fn require_key(
+    State(s): State<AppState>,
+    mut req: Request,
+    next: Next,
+) -> Response {
     let headers = req.headers();
     let auth = headers
         .get("authorization")
@@ -61,7 +65,8 @@ pub async fn ensure_admin_key(mgr: &Manager, data_dir: &Path) -> Result<Option<P
     }
     let key = format!("hatch_{}", crate::model::random_alnum(32));
     let path = data_dir.join("admin.key");
-    write_private(&path, &format!("{key}\n")).map_err(|e| format!("write {}: {e}", path.display()))?;
+    write_private(&path, &format!("{key}\n"))
+        .map_err(|e| format!("write {}: {e}", path.display()))?;
     mgr.add_key("admin", &hash_key(&key))
         .await
         .map_err(|e| e.to_string())?;

@@ -84,7 +84,10 @@ pub fn router(state: AppState) -> Router {
         .route("/routes/{id}", delete(delete_route))
         .route("/images", get(list_images))
         .route("/images/{id}", get(get_image))
-        .route_layer(middleware::from_fn_with_state(state.clone(), auth::require_key));
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            auth::require_key,
+        ));
     Router::new()
         .route("/healthz", get(healthz))
         .merge(authed)
@@ -137,7 +140,10 @@ async fn create_vm(
     Ok((StatusCode::CREATED, Json(vm)))
 }
 
-async fn list_vms(State(s): State<AppState>, Extension(u): Extension<User>) -> ApiResult<impl IntoResponse> {
+async fn list_vms(
+    State(s): State<AppState>,
+    Extension(u): Extension<User>,
+) -> ApiResult<impl IntoResponse> {
     Ok(Json(s.mgr.list_vms(&u.0).await?))
 }
 
@@ -179,7 +185,10 @@ async fn snapshot_vm(
     Extension(u): Extension<User>,
     Path(id): Path<String>,
 ) -> ApiResult<impl IntoResponse> {
-    Ok((StatusCode::CREATED, Json(s.mgr.snapshot_vm(&u.0, &id).await?)))
+    Ok((
+        StatusCode::CREATED,
+        Json(s.mgr.snapshot_vm(&u.0, &id).await?),
+    ))
 }
 
 async fn restore_vm(
@@ -230,6 +239,9 @@ async fn list_images(State(s): State<AppState>) -> ApiResult<impl IntoResponse> 
     Ok(Json(s.mgr.list_images().await?))
 }
 
-async fn get_image(State(s): State<AppState>, Path(id): Path<String>) -> ApiResult<impl IntoResponse> {
+async fn get_image(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+) -> ApiResult<impl IntoResponse> {
     Ok(Json(s.mgr.get_image(&id).await?))
 }

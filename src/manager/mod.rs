@@ -24,8 +24,7 @@ use tracing::{info, warn};
 pub use route_index::{RouteIndex, RouteTarget};
 
 use crate::model::{
-    new_id, random_alnum, validate_subdomain, Image, Route, Snapshot, Vm, VmState,
-    DEFAULT_IMAGE_ID,
+    new_id, random_alnum, validate_subdomain, Image, Route, Snapshot, Vm, VmState, DEFAULT_IMAGE_ID,
 };
 use crate::store::{Store, StoreError};
 use crate::vmm::{BootSpec, Hypervisor, Machine};
@@ -228,7 +227,7 @@ impl Manager {
                 vm.state,
                 VmState::Running | VmState::Starting | VmState::Stopping
             ) {
-                let killed = kill_leftover_process(&self.work_dir(&vm.id));
+                let killed = self.hv.reap_leftover(&self.work_dir(&vm.id));
                 warn!(
                     vm_id = %vm.id,
                     previous_state = %vm.state,
@@ -401,8 +400,14 @@ impl Manager {
             // The process is being ended either way; record what happened.
             warn!(vm_id, error = %e, "shutdown reported an error");
         }
-        self.store.set_vm_state(vm_id, VmState::Stopped, None).await?;
-        info!(vm_id, elapsed_ms = t0.elapsed().as_millis() as u64, "vm stopped");
+        self.store
+            .set_vm_state(vm_id, VmState::Stopped, None)
+            .await?;
+        info!(
+            vm_id,
+            elapsed_ms = t0.elapsed().as_millis() as u64,
+            "vm stopped"
+        );
         self.get_vm(user, vm_id).await
     }
 
@@ -468,7 +473,10 @@ impl Manager {
             inner.machine = None;
             inner.transient = None;
         }
-        let size = tokio::fs::metadata(&path).await.map(|m| m.len()).unwrap_or(0);
+        let size = tokio::fs::metadata(&path)
+            .await
+            .map(|m| m.len())
+            .unwrap_or(0);
         let snap = Snapshot {
             id: snap_id,
             vm_id: vm_id.to_string(),
@@ -496,7 +504,10 @@ impl Manager {
         let Ok(snaps) = self.store.list_snapshots(vm_id).await else {
             return;
         };
-        for old in snaps.iter().skip(self.cfg.max_snapshots_per_vm.max(1) as usize) {
+        for old in snaps
+            .iter()
+            .skip(self.cfg.max_snapshots_per_vm.max(1) as usize)
+        {
             if let Err(e) = self.store.delete_snapshot(&old.id).await {
                 warn!(vm_id, snapshot_id = %old.id, error = %e, "could not prune snapshot row");
                 continue;
@@ -517,7 +528,10 @@ impl Manager {
     }
 
     pub async fn get_image(&self, id: &str) -> Result<Image> {
-        self.store.get_image(id).await?.ok_or(ManagerError::NotFound)
+        self.store
+            .get_image(id)
+            .await?
+            .ok_or(ManagerError::NotFound)
     }
 
     /// Shuts every running VM down (graceful hatchd stop): each is snapshotted so
@@ -579,7 +593,12 @@ impl Manager {
         rx
     }
 
-    async fn run_wake(self: &Arc<Self>, rt: &Arc<VmRuntime>, vm_id: &str, mode: WakeMode) -> WakeResult {
+    async fn run_wake(
+        self: &Arc<Self>,
+        rt: &Arc<VmRuntime>,
+        vm_id: &str,
+        mode: WakeMode,
+    ) -> WakeResult {
         let _op = rt.op.lock().await;
         let Some(vm) = self.store.get_vm(vm_id).await? else {
             return Err(ManagerError::NotFound);
@@ -604,7 +623,9 @@ impl Manager {
                 Some(s) => Some(s),
                 None => {
                     let msg = "vm is snapshotted but has no snapshot record".to_string();
-                    self.store.set_vm_state(vm_id, VmState::Error, Some(&msg)).await?;
+                    self.store
+                        .set_vm_state(vm_id, VmState::Error, Some(&msg))
+                        .await?;
                     return Err(ManagerError::Vmm(msg));
                 }
             }
@@ -615,7 +636,11 @@ impl Manager {
         let t0 = Instant::now();
         let attempt = async {
             match &snapshot {
-                Some(s) => self.hv.restore(&spec, std::path::Path::new(&s.state_key)).await,
+                Some(s) => {
+                    self.hv
+                        .restore(&spec, std::path::Path::new(&s.state_key))
+                        .await
+                }
                 None => self.hv.boot(&spec).await,
             }
         };
@@ -642,16 +667,15 @@ impl Manager {
             Ok(Err(e)) => {
                 let msg = format!("{kind} failed: {e}");
                 warn!(vm_id, kind, error = %e, "wake failed; vm marked error");
-                self.store.set_vm_state(vm_id, VmState::Error, Some(&msg)).await?;
+                self.store
+                    .set_vm_state(vm_id, VmState::Error, Some(&msg))
+                    .await?;
                 Err(ManagerError::Vmm(msg))
             }
             Err(_) => {
                 // The snapshot (or the image) is still good: leave the stored
                 // state as it was so the next request tries again.
-                let msg = format!(
-                    "{kind} did not complete within {:?}",
-                    self.cfg.wake_timeout
-                );
+                let msg = format!("{kind} did not complete within {:?}", self.cfg.wake_timeout);
                 warn!(vm_id, kind, "{msg}; vm left asleep");
                 Err(ManagerError::Timeout(msg))
             }
@@ -712,7 +736,11 @@ impl Manager {
             if unexpected {
                 let msg = format!("vm process exited unexpectedly: {}", exit.description);
                 warn!(vm_id, "{msg}; marked stopped (the next request boots it)");
-                if let Err(e) = this.store.set_vm_state(&vm_id, VmState::Stopped, Some(&msg)).await {
+                if let Err(e) = this
+                    .store
+                    .set_vm_state(&vm_id, VmState::Stopped, Some(&msg))
+                    .await
+                {
                     warn!(vm_id, error = %e, "could not record vm exit");
                 }
             }
@@ -773,7 +801,11 @@ impl Manager {
     }
 
     pub async fn delete_route(&self, user: &str, route_id: &str) -> Result<()> {
-        let route = self.store.get_route(route_id).await?.ok_or(ManagerError::NotFound)?;
+        let route = self
+            .store
+            .get_route(route_id)
+            .await?
+            .ok_or(ManagerError::NotFound)?;
         self.owned_vm(user, &route.vm_id).await?;
         self.store.delete_route(route_id).await?;
         self.routes.remove_route(route_id);
@@ -817,15 +849,24 @@ impl Manager {
             let state = self.present(vm).state;
             match state {
                 VmState::Error => {
-                    return Err(UpstreamError::NotServing(state, "must be started with POST /vms/{id}/start"))
+                    return Err(UpstreamError::NotServing(
+                        state,
+                        "must be started with POST /vms/{id}/start",
+                    ))
                 }
                 _ if !target.auto_wake => {
-                    return Err(UpstreamError::NotServing(state, "auto_wake is disabled for this route"))
+                    return Err(UpstreamError::NotServing(
+                        state,
+                        "auto_wake is disabled for this route",
+                    ))
                 }
                 _ => {}
             }
         } else if !target.auto_wake {
-            return Err(UpstreamError::NotServing(VmState::Starting, "auto_wake is disabled for this route"));
+            return Err(UpstreamError::NotServing(
+                VmState::Starting,
+                "auto_wake is disabled for this route",
+            ));
         }
         let mut rx = self.wake(&target.vm_id, WakeMode::Auto);
         let waited = tokio::time::timeout_at(deadline, async {
@@ -878,24 +919,6 @@ fn wrong_state(op: &str, state: VmState, allowed: &str) -> ManagerError {
 
 fn taken(subdomain: &str) -> ManagerError {
     ManagerError::Conflict(format!("subdomain {subdomain:?} is already in use"))
-}
-
-/// Ends a hypervisor process left behind by a previous hatchd (found through the
-/// pid file the driver writes in the VM's work dir). Returns whether one was ended.
-fn kill_leftover_process(work_dir: &std::path::Path) -> bool {
-    let Ok(text) = std::fs::read_to_string(work_dir.join("qemu.pid")) else {
-        return false;
-    };
-    let Ok(pid) = text.trim().parse::<i32>() else {
-        return false;
-    };
-    // Only a process that is really ours: its command line names our work dir.
-    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-    let needle = work_dir.to_string_lossy();
-    if pid <= 1 || !String::from_utf8_lossy(&cmdline).contains(needle.as_ref()) {
-        return false;
-    }
-    crate::vmm::kill_pid(pid)
 }
 
 impl Manager {

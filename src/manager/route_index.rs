@@ -47,7 +47,8 @@ impl RouteIndex {
     }
 
     pub fn insert(&self, r: &Route) {
-        self.write().insert(r.subdomain.clone(), RouteTarget::from(r));
+        self.write()
+            .insert(r.subdomain.clone(), RouteTarget::from(r));
     }
 
     pub fn remove_route(&self, route_id: &str) {

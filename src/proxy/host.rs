@@ -54,6 +54,7 @@ pub fn subdomain_of(host: &str, base: &str) -> Result<String, HostError> {
     };
     let name = name.strip_suffix('.').unwrap_or(name);
     if name.is_empty()
+        || name.ends_with('.')
         || !name
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')

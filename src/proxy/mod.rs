@@ -63,7 +63,11 @@ impl Proxy {
     }
 
     /// Serves connections from `listener` until `shutdown` turns true.
-    pub async fn serve(self: Arc<Self>, listener: TcpListener, mut shutdown: watch::Receiver<bool>) {
+    pub async fn serve(
+        self: Arc<Self>,
+        listener: TcpListener,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
         let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
         builder
             .http1()
@@ -101,7 +105,7 @@ impl Proxy {
         let started = tokio::time::Instant::now();
         let (host, target) = match self.resolve_host(&req) {
             Ok(x) => x,
-            Err(resp) => return resp,
+            Err((status, msg)) => return json_error(status, &msg),
         };
         let deadline = started + self.cfg.wake_timeout;
         let upstream = match self.mgr.upstream(&target, deadline).await {
@@ -117,7 +121,9 @@ impl Proxy {
             let body = match Limited::new(body, self.cfg.max_wake_body).collect().await {
                 Ok(c) => c.to_bytes(),
                 Err(e) => {
-                    if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() {
+                    if e.downcast_ref::<http_body_util::LengthLimitError>()
+                        .is_some()
+                    {
                         return json_error(
                             StatusCode::PAYLOAD_TOO_LARGE,
                             "request body too large to hold while the vm wakes",
@@ -137,14 +143,20 @@ impl Proxy {
                 warn!(subdomain = %host, vm_id = %target.vm_id, error = %e, "upstream request failed");
                 json_error(
                     StatusCode::BAD_GATEWAY,
-                    &format!("vm {} is not answering on port {}", target.vm_id, target.port),
+                    &format!(
+                        "vm {} is not answering on port {}",
+                        target.vm_id, target.port
+                    ),
                 )
             }
         }
     }
 
     /// Phase 1: Host → route.
-    fn resolve_host<B>(&self, req: &Request<B>) -> Result<(String, RouteTarget), Response<ProxyBody>> {
+    fn resolve_host<B>(
+        &self,
+        req: &Request<B>,
+    ) -> Result<(String, RouteTarget), (StatusCode, String)> {
         let base = &self.cfg.base_domain;
         let mut hosts = req.headers().get_all(header::HOST).iter();
         let host = match (hosts.next(), hosts.next()) {
@@ -161,14 +173,14 @@ impl Proxy {
             Ok(x) => x,
             Err(e) => {
                 let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::BAD_REQUEST);
-                return Err(json_error(status, &e.message(base)));
+                return Err((status, e.message(base)));
             }
         };
         match self.mgr.lookup(&sub) {
             Some(t) => Ok((host, t)),
-            None => Err(json_error(
+            None => Err((
                 StatusCode::NOT_FOUND,
-                &format!("no route for subdomain {sub:?}"),
+                format!("no route for subdomain {sub:?}"),
             )),
         }
     }
@@ -186,13 +198,19 @@ impl Proxy {
     ) -> Result<Response<Incoming>, String> {
         let mut backoff = Duration::from_millis(2);
         loop {
-            let req = build_upstream(head, upstream.addr, Full::new(body.clone()).map_err(BoxError::from).boxed());
+            let req = build_upstream(
+                head,
+                upstream.addr,
+                Full::new(body.clone()).map_err(BoxError::from).boxed(),
+            );
             match self.client.request(req).await {
                 Ok(r) => return Ok(r),
                 Err(e) => {
                     let now = tokio::time::Instant::now();
                     if now + backoff >= deadline {
-                        return Err(format!("guest port did not answer before the wake deadline: {e}"));
+                        return Err(format!(
+                            "guest port did not answer before the wake deadline: {e}"
+                        ));
                     }
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_millis(50));
@@ -250,8 +268,14 @@ fn upstream_request_filter(req: &mut Request<()>, host: &str, peer: SocketAddr) 
 }
 
 fn build_upstream(head: &Request<()>, addr: SocketAddr, body: ProxyBody) -> Request<ProxyBody> {
-    let pq = head.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/");
-    let uri: Uri = format!("http://{addr}{pq}").parse().unwrap_or_else(|_| Uri::from_static("/"));
+    let pq = head
+        .uri()
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or("/");
+    let uri: Uri = format!("http://{addr}{pq}")
+        .parse()
+        .unwrap_or_else(|_| Uri::from_static("/"));
     let mut req = Request::new(body);
     *req.method_mut() = head.method().clone();
     *req.uri_mut() = uri;
@@ -285,7 +309,9 @@ pub fn json_error(status: StatusCode, msg: &str) -> Response<ProxyBody> {
     let body = serde_json::json!({ "error": msg }).to_string();
     let mut resp = Response::new(Full::new(Bytes::from(body)).map_err(BoxError::from).boxed());
     *resp.status_mut() = status;
-    resp.headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
     resp
 }

@@ -193,10 +193,12 @@ impl Store {
     pub async fn list_vms(&self, user_id: Option<&str>) -> Result<Vec<Vm>> {
         let rows = match user_id {
             Some(u) => {
-                sqlx::query("SELECT * FROM vms WHERE user_id = ? ORDER BY created_at DESC, rowid DESC")
-                    .bind(u)
-                    .fetch_all(&self.pool)
-                    .await?
+                sqlx::query(
+                    "SELECT * FROM vms WHERE user_id = ? ORDER BY created_at DESC, rowid DESC",
+                )
+                .bind(u)
+                .fetch_all(&self.pool)
+                .await?
             }
             None => {
                 sqlx::query("SELECT * FROM vms ORDER BY created_at DESC, rowid DESC")
@@ -208,10 +210,12 @@ impl Store {
     }
 
     pub async fn count_vms(&self, user_id: &str) -> Result<i64> {
-        Ok(sqlx::query_scalar("SELECT COUNT(*) FROM vms WHERE user_id = ?")
-            .bind(user_id)
-            .fetch_one(&self.pool)
-            .await?)
+        Ok(
+            sqlx::query_scalar("SELECT COUNT(*) FROM vms WHERE user_id = ?")
+                .bind(user_id)
+                .fetch_one(&self.pool)
+                .await?,
+        )
     }
 
     /// Records a new state. `error` is stored as `last_error` when given; a move to
@@ -241,7 +245,11 @@ impl Store {
 
     /// Marks the VM running after a boot (`restored == false`) or a restore.
     pub async fn record_wake(&self, id: &str, restored: bool) -> Result<()> {
-        let col = if restored { "restore_count" } else { "boot_count" };
+        let col = if restored {
+            "restore_count"
+        } else {
+            "boot_count"
+        };
         sqlx::query(&format!(
             "UPDATE vms SET state = 'running', last_error = NULL, {col} = {col} + 1, updated_at = ? WHERE id = ?"
         ))
@@ -298,9 +306,11 @@ impl Store {
             .bind(v)
             .fetch_all(&self.pool)
             .await?,
-            None => sqlx::query("SELECT * FROM proxy_routes ORDER BY created_at DESC, rowid DESC")
-                .fetch_all(&self.pool)
-                .await?,
+            None => {
+                sqlx::query("SELECT * FROM proxy_routes ORDER BY created_at DESC, rowid DESC")
+                    .fetch_all(&self.pool)
+                    .await?
+            }
         };
         rows.iter().map(route_from_row).collect()
     }
@@ -386,9 +396,11 @@ impl Store {
 
     /// The user owning the key with this hash.
     pub async fn key_user(&self, key_hash: &str) -> Result<Option<String>> {
-        Ok(sqlx::query_scalar("SELECT user_id FROM api_keys WHERE key_hash = ?")
-            .bind(key_hash)
-            .fetch_optional(&self.pool)
-            .await?)
+        Ok(
+            sqlx::query_scalar("SELECT user_id FROM api_keys WHERE key_hash = ?")
+                .bind(key_hash)
+                .fetch_optional(&self.pool)
+                .await?,
+        )
     }
 }

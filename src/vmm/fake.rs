@@ -53,10 +53,20 @@ impl FakeHypervisor {
 
     fn params(&self) -> (Duration, Duration, bool, Option<String>, Duration) {
         let b = self.behaviour.lock().unwrap_or_else(|e| e.into_inner());
-        (b.boot_delay, b.restore_delay, b.hang, b.fail.clone(), b.service_delay)
+        (
+            b.boot_delay,
+            b.restore_delay,
+            b.hang,
+            b.fail.clone(),
+            b.service_delay,
+        )
     }
 
-    async fn start(self: &Arc<Self>, spec: &BootSpec, restore: bool) -> Result<Box<dyn Machine>, VmmError> {
+    async fn start(
+        self: &Arc<Self>,
+        spec: &BootSpec,
+        restore: bool,
+    ) -> Result<Box<dyn Machine>, VmmError> {
         let (boot_delay, restore_delay, hang, fail, service_delay) = self.params();
         if hang {
             std::future::pending::<()>().await;
@@ -97,7 +107,11 @@ impl Hypervisor for SharedFake {
         self.0.start(spec, false).await
     }
 
-    async fn restore(&self, spec: &BootSpec, snapshot: &Path) -> Result<Box<dyn Machine>, VmmError> {
+    async fn restore(
+        &self,
+        spec: &BootSpec,
+        snapshot: &Path,
+    ) -> Result<Box<dyn Machine>, VmmError> {
         self.0.restores.fetch_add(1, Ordering::SeqCst);
         if !snapshot.exists() {
             return Err(VmmError::Snapshot {
@@ -203,7 +217,11 @@ impl Machine for FakeMachine {
         }
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
-        let task = tokio::spawn(serve_guest(listener, self.vm_id.clone(), self.service_delay));
+        let task = tokio::spawn(serve_guest(
+            listener,
+            self.vm_id.clone(),
+            self.service_delay,
+        ));
         self.ports
             .lock()
             .unwrap_or_else(|e| e.into_inner())

@@ -73,6 +73,12 @@ pub trait Hypervisor: Send + Sync + 'static {
     /// Restore from a file written by [`Machine::snapshot`] and resume the guest.
     async fn restore(&self, spec: &BootSpec, snapshot: &Path)
         -> Result<Box<dyn Machine>, VmmError>;
+
+    /// Ends a hypervisor process that a previous hatchd left running for the VM
+    /// whose work dir this is. True when one was ended.
+    fn reap_leftover(&self, _work_dir: &Path) -> bool {
+        false
+    }
 }
 
 #[async_trait]

@@ -52,6 +52,9 @@ const NETDEV_ID: &str = "net0";
 const QUIT_GRACE: Duration = Duration::from_secs(5);
 /// Deadline for a migration (save or load) to complete.
 const MIGRATE_TIMEOUT: Duration = Duration::from_secs(120);
+/// The QEMU process id, for reconciliation after a hatchd crash.
+pub const PID_FILE: &str = "qemu.pid";
+
 /// Deadline for the QMP socket to appear after spawn.
 const QMP_SOCKET_TIMEOUT: Duration = Duration::from_secs(20);
 
@@ -110,6 +113,10 @@ pub struct QemuConfig {
     pub probe_timeout: Duration,
     /// QEMU machine type.
     pub machine: String,
+    /// Kill the QEMU process when its [`QemuMachine`] is dropped without a
+    /// shutdown/snapshot. Off by default so guests survive a hatchd restart; tests
+    /// turn it on so a panicking test leaves no QEMU behind.
+    pub kill_on_drop: bool,
 }
 
 impl Default for QemuConfig {
@@ -120,6 +127,7 @@ impl Default for QemuConfig {
             ready_timeout: Duration::from_secs(60),
             probe_timeout: Duration::from_secs(8),
             machine: "q35".to_string(),
+            kill_on_drop: false,
         }
     }
 }
@@ -196,7 +204,12 @@ impl QemuHypervisor {
         {
             return Err(format!("cannot open /dev/kvm: {e}"));
         }
-        let dir = std::env::temp_dir().join(format!("hatch-kvm-probe-{}", std::process::id()));
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        let dir =
+            std::env::temp_dir().join(format!("hatch-kvm-probe-{}-{nanos}", std::process::id()));
         let spec = BootSpec {
             vm_id: "kvm-probe".into(),
             kernel: kernel.to_path_buf(),
@@ -290,7 +303,10 @@ impl QemuHypervisor {
             "-serial".into(),
             "chardev:ser0".into(),
             "-qmp".into(),
-            format!("unix:{},server=on,wait=off", escape_opt(&wd.join(QMP_SOCKET))),
+            format!(
+                "unix:{},server=on,wait=off",
+                escape_opt(&wd.join(QMP_SOCKET))
+            ),
             "-netdev".into(),
             netdev,
             "-device".into(),
@@ -301,6 +317,9 @@ impl QemuHypervisor {
                 escape_opt(&wd.join(USER_DATA))
             ),
             "-no-reboot".into(),
+            // Lets a restarted hatchd find and end a guest it lost track of.
+            "-pidfile".into(),
+            escape_opt(&wd.join(PID_FILE)),
         ]);
         if restore {
             args.extend(["-incoming".into(), "defer".into()]);
@@ -318,7 +337,10 @@ impl QemuHypervisor {
                 what: self.config.binary.display().to_string(),
                 source: std::io::Error::new(
                     std::io::ErrorKind::InvalidInput,
-                    format!("work dir path too long for a unix socket: {}", sock.display()),
+                    format!(
+                        "work dir path too long for a unix socket: {}",
+                        sock.display()
+                    ),
                 ),
             });
         }
@@ -339,7 +361,7 @@ impl QemuHypervisor {
             .stdin(Stdio::null())
             .stdout(Stdio::from(log))
             .stderr(Stdio::from(log2))
-            .kill_on_drop(false);
+            .kill_on_drop(self.config.kill_on_drop);
         let child = cmd.spawn().map_err(|source| VmmError::Spawn {
             what: self.config.binary.display().to_string(),
             source,
@@ -349,7 +371,13 @@ impl QemuHypervisor {
 
         let (exit_tx, exit_rx) = watch::channel(None);
         let (kill_tx, kill_rx) = oneshot::channel::<()>();
-        tokio::spawn(wait_child(child, kill_rx, exit_tx, spec.vm_id.clone()));
+        tokio::spawn(wait_child(
+            child,
+            kill_rx,
+            exit_tx,
+            spec.vm_id.clone(),
+            self.config.kill_on_drop,
+        ));
 
         Ok(QemuMachine {
             vm_id: spec.vm_id.clone(),
@@ -375,16 +403,20 @@ fn shell_quote(s: &str) -> String {
 
 async fn wait_child(
     mut child: tokio::process::Child,
-    kill_rx: oneshot::Receiver<()>,
+    mut kill_rx: oneshot::Receiver<()>,
     exit_tx: watch::Sender<Option<ExitInfo>>,
     vm_id: String,
+    kill_on_drop: bool,
 ) {
     let status = tokio::select! {
         status = child.wait() => status,
-        _ = kill_rx => {
-            // Kill requested (or the machine was dropped: then keep waiting only).
-            if let Err(e) = child.start_kill() {
-                tracing::debug!(%vm_id, error = %e, "kill qemu");
+        // Err: the machine was dropped without shutdown. The process keeps running
+        // unless kill_on_drop is set (guests survive a hatchd restart by default).
+        res = &mut kill_rx => {
+            if res.is_ok() || kill_on_drop {
+                if let Err(e) = child.start_kill() {
+                    tracing::debug!(%vm_id, error = %e, "kill qemu");
+                }
             }
             child.wait().await
         }
@@ -447,7 +479,12 @@ impl QemuMachine {
     }
 
     fn kill(&self) {
-        if let Some(tx) = self.kill_tx.lock().unwrap_or_else(|e| e.into_inner()).take() {
+        if let Some(tx) = self
+            .kill_tx
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+        {
             let _ = tx.send(());
         }
     }
@@ -655,6 +692,25 @@ fn loopback(port: u16) -> SocketAddr {
 
 #[async_trait]
 impl Hypervisor for QemuHypervisor {
+    fn reap_leftover(&self, work_dir: &Path) -> bool {
+        let Ok(text) = std::fs::read_to_string(work_dir.join(PID_FILE)) else {
+            return false;
+        };
+        let Ok(pid) = text.trim().parse::<i32>() else {
+            return false;
+        };
+        // Only a process that is really ours: a QEMU whose command line names
+        // this work dir (pids are reused).
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        let cmdline = String::from_utf8_lossy(&cmdline);
+        if pid <= 1 || !cmdline.contains(work_dir.to_string_lossy().as_ref()) {
+            return false;
+        }
+        let killed = super::kill_pid(pid);
+        let _ = std::fs::remove_file(work_dir.join(PID_FILE));
+        killed
+    }
+
     fn name(&self) -> String {
         match self.accel {
             AccelChoice::Kvm => "qemu-kvm".into(),
@@ -716,7 +772,10 @@ impl Hypervisor for QemuHypervisor {
         let machine = self.spawn(spec, true).await?;
         let result = async {
             let mut qmp = machine.wait_qmp().await?;
-            let uri = format!("exec:cat {}", shell_quote(&snapshot_abs.display().to_string()));
+            let uri = format!(
+                "exec:cat {}",
+                shell_quote(&snapshot_abs.display().to_string())
+            );
             qmp.execute("migrate-incoming", Some(json!({ "uri": uri })))
                 .await?;
             QemuMachine::wait_migration(&mut qmp, "incoming migration", false).await?;
@@ -833,7 +892,10 @@ impl Machine for QemuMachine {
         }
         let saved = started.elapsed();
         self.quit_and_wait(Some(qmp)).await;
-        let size = tokio::fs::metadata(&path).await.map(|m| m.len()).unwrap_or(0);
+        let size = tokio::fs::metadata(&path)
+            .await
+            .map(|m| m.len())
+            .unwrap_or(0);
         tracing::info!(
             vm_id = %self.vm_id,
             snapshot_ms = saved.as_millis() as u64,

@@ -1,6 +1,8 @@
 //! Test harness: an in-process hatchd on ephemeral loopback ports, a temp data
 //! dir and the fake hypervisor (unit-level tests of API, proxy and wake logic).
-#![allow(dead_code)]
+#![allow(dead_code, clippy::unwrap_used)]
+
+pub mod real;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -31,10 +33,22 @@ fn config(dir: &std::path::Path, extra: &[(&str, &str)]) -> hatch::config::Confi
     let mut m: HashMap<String, String> = [
         ("HATCH_HTTP_ADDR", "127.0.0.1:0".to_string()),
         ("HATCH_PROXY_ADDR", "127.0.0.1:0".to_string()),
-        ("HATCH_DATA_DIR", dir.join("data").to_string_lossy().into_owned()),
-        ("HATCH_DEFAULT_KERNEL_PATH", kernel.to_string_lossy().into_owned()),
-        ("HATCH_DEFAULT_ROOTFS_PATH", rootfs.to_string_lossy().into_owned()),
-        ("HATCH_DEFAULT_IMAGE_DIR", dir.to_string_lossy().into_owned()),
+        (
+            "HATCH_DATA_DIR",
+            dir.join("data").to_string_lossy().into_owned(),
+        ),
+        (
+            "HATCH_DEFAULT_KERNEL_PATH",
+            kernel.to_string_lossy().into_owned(),
+        ),
+        (
+            "HATCH_DEFAULT_ROOTFS_PATH",
+            rootfs.to_string_lossy().into_owned(),
+        ),
+        (
+            "HATCH_DEFAULT_IMAGE_DIR",
+            dir.to_string_lossy().into_owned(),
+        ),
         ("HATCH_PROXY_WAKE_TIMEOUT", "10s".to_string()),
     ]
     .into_iter()
@@ -50,9 +64,12 @@ impl FakeDaemon {
     pub async fn start(extra: &[(&str, &str)]) -> FakeDaemon {
         let dir = tempfile::tempdir().unwrap();
         let fake = FakeHypervisor::new();
-        let running = daemon::start_with(config(dir.path(), extra), Arc::new(SharedFake(fake.clone())))
-            .await
-            .unwrap();
+        let running = daemon::start_with(
+            config(dir.path(), extra),
+            Arc::new(SharedFake(fake.clone())),
+        )
+        .await
+        .unwrap();
         let key = std::fs::read_to_string(dir.path().join("data/admin.key"))
             .unwrap()
             .trim()
@@ -65,7 +82,10 @@ impl FakeDaemon {
             fake,
             dir,
             http: reqwest::Client::new(),
-            env: extra.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            env: extra
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
         }
     }
 
@@ -74,7 +94,11 @@ impl FakeDaemon {
         if let Some(r) = self.running.take() {
             r.shutdown().await;
         }
-        let extra: Vec<(&str, &str)> = self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        let extra: Vec<(&str, &str)> = self
+            .env
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
         let running = daemon::start_with(
             config(self.dir.path(), &extra),
             Arc::new(SharedFake(self.fake.clone())),
@@ -98,7 +122,10 @@ impl FakeDaemon {
         let resp = req.send().await.unwrap();
         let status = resp.status().as_u16();
         let text = resp.text().await.unwrap();
-        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
     }
 
     pub async fn create_vm(&self) -> String {
@@ -114,7 +141,10 @@ impl FakeDaemon {
             if v["state"] == want {
                 return v;
             }
-            assert!(tokio::time::Instant::now() < deadline, "vm never reached {want}: {v}");
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "vm never reached {want}: {v}"
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
@@ -138,7 +168,11 @@ impl FakeDaemon {
 
 /// A GET through the proxy with the given Host, over a raw socket.
 pub async fn proxy_get(proxy: SocketAddr, host: &str) -> (u16, String) {
-    raw(proxy, &format!("GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n")).await
+    raw(
+        proxy,
+        &format!("GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"),
+    )
+    .await
 }
 
 /// Sends raw bytes, reads the whole response (the request must ask for
@@ -154,12 +188,18 @@ pub async fn raw(addr: SocketAddr, request: &str) -> (u16, String) {
         .nth(1)
         .and_then(|s| s.parse().ok())
         .unwrap_or(0);
-    let body = text.split_once("\r\n\r\n").map(|x| x.1.to_string()).unwrap_or_default();
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|x| x.1.to_string())
+        .unwrap_or_default();
     (status, dechunk(&text, body))
 }
 
 fn dechunk(head: &str, body: String) -> String {
-    if !head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+    if !head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
         return body;
     }
     let mut out = String::new();
