@@ -252,3 +252,79 @@ async fn restarts_keep_every_vm_and_route_reachable() {
     let (_, routes) = h.call("GET", &format!("/vms/{b}/routes"), None).await;
     assert_eq!(routes[0]["subdomain"], "beta");
 }
+
+#[tokio::test]
+async fn a_guest_process_that_dies_is_noticed_and_woken_again() {
+    let _g = QEMU_LOCK.lock().await;
+    let h = Hatchd::start(&[]).await;
+    let vm = vm_with_route(&h, "fragile", true, json!({})).await;
+    get_page(&h, "fragile.hatch.local", &vm).await;
+    let kids = children_of(h.pid());
+    assert_eq!(kids.len(), 1);
+    // We started this QEMU (through hatchd): end it behind hatchd's back.
+    std::process::Command::new("kill")
+        .arg("-KILL")
+        .arg(kids[0].to_string())
+        .status()
+        .unwrap();
+    let v = h.wait_state(&vm, "stopped", Duration::from_secs(10)).await;
+    assert!(
+        v["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("exited unexpectedly"),
+        "{v}"
+    );
+    assert!(h.log().contains("exited unexpectedly"));
+    get_page(&h, "fragile.hatch.local", &vm).await;
+    assert_eq!(h.vm(&vm).await["state"], "running");
+}
+
+#[tokio::test]
+async fn a_route_added_to_a_running_vm_is_forwarded_at_once() {
+    let _g = QEMU_LOCK.lock().await;
+    let h = Hatchd::start(&[]).await;
+    let script = "#!/bin/sh\nmkdir -p /a /b\necho port-a > /a/index.html\necho port-b > /b/index.html\nhttpd -p 8080 -h /a\nexec httpd -f -p 3000 -h /b\n";
+    let (_, vm) = h
+        .call("POST", "/vms", Some(json!({"user_data": script})))
+        .await;
+    let id = vm["id"].as_str().unwrap().to_string();
+    h.call(
+        "POST",
+        &format!("/vms/{id}/routes"),
+        Some(json!({"subdomain": "porta", "target_port": 8080})),
+    )
+    .await;
+    h.wait_state(&id, "running", BOOT).await;
+    let (s, body) = proxy_get(h.proxy, "porta.hatch.local").await;
+    assert_eq!((s, body.as_str()), (200, "port-a\n"));
+    let before = children_of(h.pid())
+        .iter()
+        .map(|p| listening_ports(*p))
+        .sum::<usize>();
+    let (s, _) = h
+        .call(
+            "POST",
+            &format!("/vms/{id}/routes"),
+            Some(json!({"subdomain": "portb", "target_port": 3000})),
+        )
+        .await;
+    assert_eq!(s, 201);
+    let after = children_of(h.pid())
+        .iter()
+        .map(|p| listening_ports(*p))
+        .sum::<usize>();
+    assert_eq!(
+        after,
+        before + 1,
+        "the new port is forwarded when the route is created"
+    );
+    let (s, body) = proxy_get(h.proxy, "portb.hatch.local").await;
+    assert_eq!((s, body.as_str()), (200, "port-b\n"));
+    // Both ports survive a snapshot and restore.
+    h.call("POST", &format!("/vms/{id}/snapshot"), None).await;
+    let (s, body) = proxy_get(h.proxy, "portb.hatch.local").await;
+    assert_eq!((s, body.as_str()), (200, "port-b\n"));
+    let (s, body) = proxy_get(h.proxy, "porta.hatch.local").await;
+    assert_eq!((s, body.as_str()), (200, "port-a\n"));
+}

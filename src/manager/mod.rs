@@ -791,6 +791,12 @@ impl Manager {
             },
         }
         self.routes.insert(&route);
+        // A running VM gets the new port forwarded now, not on the first request.
+        if let Some(m) = self.runtime(vm_id).ready_machine() {
+            if let Err(e) = m.forward_port(route.target_port).await {
+                warn!(vm_id, port, error = %e, "could not forward the route's port yet; the first request retries");
+            }
+        }
         info!(route_id = %route.id, vm_id, subdomain = %route.subdomain, port, "route created");
         Ok(route)
     }
