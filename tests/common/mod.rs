@@ -111,21 +111,7 @@ impl FakeDaemon {
     }
 
     pub async fn call(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
-        let m = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
-        let mut req = self
-            .http
-            .request(m, format!("{}{}", self.api, path))
-            .bearer_auth(&self.key);
-        if let Some(b) = body {
-            req = req.json(&b);
-        }
-        let resp = req.send().await.unwrap();
-        let status = resp.status().as_u16();
-        let text = resp.text().await.unwrap();
-        (
-            status,
-            serde_json::from_str(&text).unwrap_or(Value::String(text)),
-        )
+        self::api_call(&self.http, &self.api, &self.key, method, path, body).await
     }
 
     pub async fn create_vm(&self) -> String {
@@ -164,6 +150,29 @@ impl FakeDaemon {
     pub async fn get(&self, host: &str) -> (u16, String) {
         proxy_get(self.proxy, host).await
     }
+}
+
+/// An authenticated API call; the body is parsed as JSON when it is JSON.
+pub async fn api_call(
+    http: &reqwest::Client,
+    api: &str,
+    key: &str,
+    method: &str,
+    path: &str,
+    body: Option<Value>,
+) -> (u16, Value) {
+    let m = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+    let mut req = http.request(m, format!("{api}{path}")).bearer_auth(key);
+    if let Some(b) = body {
+        req = req.json(&b);
+    }
+    let resp = req.send().await.unwrap();
+    let status = resp.status().as_u16();
+    let text = resp.text().await.unwrap();
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    )
 }
 
 /// A GET through the proxy with the given Host, over a raw socket.
