@@ -257,6 +257,9 @@ impl Manager {
 
     fn runtime(&self, vm_id: &str) -> Arc<VmRuntime> {
         let mut map = self.runtimes.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(rt) = map.get(vm_id) {
+            return rt.clone();
+        }
         map.entry(vm_id.to_string()).or_default().clone()
     }
 
