@@ -53,6 +53,10 @@ pub struct Config {
     pub s3_region: String,
     /// Largest request body held while a VM wakes.
     pub proxy_max_wake_body: usize,
+    /// Requests that may wait for one VM's wake at once (more get 503 + Retry-After).
+    pub proxy_max_wake_waiters: usize,
+    /// Peers whose `X-Forwarded-*` headers are kept; empty = all peers.
+    pub proxy_trusted_proxies: Vec<ipnet::IpNet>,
 }
 
 pub const DEFAULT_BOOT_ARGS: &str = "console=ttyS0 reboot=k panic=1 quiet";
@@ -154,6 +158,15 @@ pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<Config, Confi
             "HATCH_PROXY_MAX_WAKE_BODY",
             32 * 1024 * 1024,
         )?,
+        proxy_max_wake_waiters: num(
+            raw("HATCH_PROXY_MAX_WAKE_WAITERS"),
+            "HATCH_PROXY_MAX_WAKE_WAITERS",
+            1024,
+        )?,
+        proxy_trusted_proxies: match raw("HATCH_PROXY_TRUSTED_PROXIES") {
+            None => Vec::new(),
+            Some(v) => parse_nets(&v).map_err(|r| err("HATCH_PROXY_TRUSTED_PROXIES", &v, r))?,
+        },
     };
     if cfg.ssh_port_min == 0 || cfg.ssh_port_min > cfg.ssh_port_max {
         return Err(err(
@@ -214,6 +227,19 @@ fn is_cidr(s: &str) -> bool {
         Ok(std::net::IpAddr::V6(_)) => prefix.parse::<u8>().is_ok_and(|p| p <= 128),
         Err(_) => false,
     }
+}
+
+/// A comma-separated list of addresses and networks (`10.0.0.1, 192.168.0.0/16`).
+pub fn parse_nets(s: &str) -> Result<Vec<ipnet::IpNet>, String> {
+    s.split(',')
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            p.parse::<ipnet::IpNet>()
+                .or_else(|_| p.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+                .map_err(|_| format!("{p:?} is not an address or network"))
+        })
+        .collect()
 }
 
 /// Go-style listen address: `:8080` means every interface.

@@ -141,6 +141,7 @@ pub async fn start_with(cfg: Config, hv: Arc<dyn Hypervisor>) -> Result<Running,
             max_snapshots_per_vm: cfg.max_snapshots_per_vm,
             default_vcpu: cfg.default_vcpu,
             default_mem_mib: cfg.default_mem_mib,
+            max_wake_waiters: cfg.proxy_max_wake_waiters,
             default_boot_args: if cfg.default_boot_args.is_empty() {
                 DEFAULT_BOOT_ARGS.to_string()
             } else {
@@ -189,6 +190,7 @@ pub async fn start_with(cfg: Config, hv: Arc<dyn Hypervisor>) -> Result<Running,
             wake_timeout: cfg.proxy_wake_timeout,
             max_wake_body: cfg.proxy_max_wake_body,
             header_read_timeout: Duration::from_secs(5),
+            trusted_proxies: cfg.proxy_trusted_proxies.clone(),
         },
     );
     let proxy_task = tokio::spawn(proxy.serve(proxy_listener, shutdown_rx));

@@ -14,6 +14,7 @@ mod route_index;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -79,6 +80,8 @@ pub struct ManagerConfig {
     pub default_vcpu: u32,
     pub default_mem_mib: u32,
     pub default_boot_args: String,
+    /// Requests that may wait for one VM's wake at once; more get 503.
+    pub max_wake_waiters: usize,
 }
 
 /// Body of `POST /vms` (unknown fields are refused by the API layer).
@@ -129,6 +132,27 @@ pub enum UpstreamError {
     WakeFailed(String),
     #[error("internal error: {0}")]
     Internal(String),
+    /// Too many requests already wait for this VM to wake.
+    #[error("too many requests are waiting for this vm to wake ({0}); retry shortly")]
+    Overloaded(usize),
+}
+
+/// Marks a VM busy while alive (an upgraded connection, a streaming response).
+pub struct ActivityGuard(Arc<VmRuntime>);
+
+impl Drop for ActivityGuard {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Counts a request among the VM's wake waiters while alive.
+struct WaiterGuard(Arc<VmRuntime>);
+
+impl Drop for WaiterGuard {
+    fn drop(&mut self) {
+        self.0.waiters.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// Where to send a proxied request.
@@ -165,6 +189,10 @@ struct Inner {
 struct VmRuntime {
     op: tokio::sync::Mutex<()>,
     inner: Mutex<Inner>,
+    /// Requests currently waiting for a wake (bounded by `max_wake_waiters`).
+    waiters: AtomicUsize,
+    /// Open upgraded connections and other long-lived activity.
+    active: AtomicUsize,
 }
 
 impl VmRuntime {
@@ -828,6 +856,13 @@ impl Manager {
 
     // ---------------------------------------------------------------- proxy
 
+    /// Marks the VM active until the guard is dropped.
+    pub fn activity_guard(&self, vm_id: &str) -> ActivityGuard {
+        let rt = self.runtime(vm_id);
+        rt.active.fetch_add(1, Ordering::SeqCst);
+        ActivityGuard(rt)
+    }
+
     /// The proxy's route lookup: memory only.
     pub fn lookup(&self, subdomain: &str) -> Option<RouteTarget> {
         self.routes.get(subdomain)
@@ -876,6 +911,11 @@ impl Manager {
                 VmState::Starting,
                 "auto_wake is disabled for this route",
             ));
+        }
+        let queued = rt.waiters.fetch_add(1, Ordering::SeqCst);
+        let _waiting = WaiterGuard(rt.clone());
+        if queued >= self.cfg.max_wake_waiters {
+            return Err(UpstreamError::Overloaded(self.cfg.max_wake_waiters));
         }
         let mut rx = self.wake(&target.vm_id, WakeMode::Auto);
         let waited = tokio::time::timeout_at(deadline, async {

@@ -8,6 +8,7 @@
 //! Errors are JSON `{"error": "..."}` bodies with a status that says whose fault
 //! it was.
 
+mod framing;
 pub mod host;
 
 use std::convert::Infallible;
@@ -40,7 +41,11 @@ pub struct ProxyConfig {
     pub wake_timeout: Duration,
     /// Largest request body held while a VM wakes (bigger → 413).
     pub max_wake_body: usize,
+    /// Time allowed for a request's head to arrive. hyper starts this clock when
+    /// it waits for a request, so it also closes idle keep-alive connections.
     pub header_read_timeout: Duration,
+    /// Peers whose incoming `X-Forwarded-*` headers are kept; empty = every peer.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
 }
 
 pub struct Proxy {
@@ -68,12 +73,15 @@ impl Proxy {
         listener: TcpListener,
         mut shutdown: watch::Receiver<bool>,
     ) {
-        let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-        builder
-            .http1()
-            .timer(TokioTimer::new())
-            .header_read_timeout(self.cfg.header_read_timeout);
-        let builder = Arc::new(builder);
+        let mut h1 = hyper::server::conn::http1::Builder::new();
+        h1.timer(TokioTimer::new())
+            .header_read_timeout(self.cfg.header_read_timeout)
+            .max_buf_size(MAX_HEAD_BUF);
+        let h1 = Arc::new(h1);
+        let mut h2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+        h2.timer(TokioTimer::new())
+            .keep_alive_interval(Some(Duration::from_secs(30)));
+        let h2 = Arc::new(h2);
         loop {
             let (stream, peer) = tokio::select! {
                 r = listener.accept() => match r {
@@ -88,21 +96,40 @@ impl Proxy {
             };
             let _ = stream.set_nodelay(true);
             let this = self.clone();
-            let builder = builder.clone();
+            let (h1, h2) = (h1.clone(), h2.clone());
             tokio::spawn(async move {
+                let header_timeout = this.cfg.header_read_timeout;
                 let svc = service_fn(move |req| {
                     let this = this.clone();
                     async move { Ok::<_, Infallible>(this.handle(req, peer).await) }
                 });
-                if let Err(e) = builder.serve_connection(TokioIo::new(stream), svc).await {
+                // HTTP/2 with prior knowledge or HTTP/1.1, told apart by the
+                // preface; a client that sends nothing is dropped.
+                let is_h2 = match tokio::time::timeout(header_timeout, sniff_h2(&stream)).await {
+                    Ok(Ok(v)) => v,
+                    _ => return,
+                };
+                let res = if is_h2 {
+                    h2.serve_connection(TokioIo::new(stream), svc).await
+                } else {
+                    let io = TokioIo::new(framing::FramingGuard::new(stream));
+                    h1.serve_connection(io, svc).with_upgrades().await
+                };
+                if let Err(e) = res {
                     debug!(error = %e, "proxy connection ended with an error");
                 }
             });
         }
     }
 
-    async fn handle(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<ProxyBody> {
+    async fn handle(&self, mut req: Request<Incoming>, peer: SocketAddr) -> Response<ProxyBody> {
         let started = tokio::time::Instant::now();
+        if let Err(msg) = framing_check(req.headers()) {
+            let mut resp = json_error(StatusCode::BAD_REQUEST, &msg);
+            resp.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            return resp;
+        }
         let (host, target) = match self.resolve_host(&req) {
             Ok(x) => x,
             Err((status, msg)) => return json_error(status, &msg),
@@ -112,9 +139,12 @@ impl Proxy {
             Ok(u) => u,
             Err(e) => return upstream_error(&target, e),
         };
+        // An Upgrade (WebSocket, …): relay the 101, then splice both directions.
+        let upgrade = upgrade_protocol(req.headers());
+        let client_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
         let (parts, body) = req.into_parts();
         let mut head = Request::from_parts(parts, ());
-        upstream_request_filter(&mut head, &host, peer);
+        self.upstream_request_filter(&mut head, &host, peer, upgrade);
         let resp = if upstream.woke {
             // The guest may not be listening yet: hold the body so the request can
             // be sent again while the service comes up.
@@ -138,7 +168,18 @@ impl Proxy {
             self.client.request(req).await.map_err(|e| e.to_string())
         };
         match resp {
-            Ok(resp) => response_filter(resp),
+            Ok(mut resp) => {
+                if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+                    if let Some(client_upgrade) = client_upgrade {
+                        let upstream_upgrade = hyper::upgrade::on(&mut resp);
+                        let activity = self.mgr.activity_guard(&target.vm_id);
+                        tokio::spawn(splice(client_upgrade, upstream_upgrade, activity));
+                        let (parts, _) = resp.into_parts();
+                        return Response::from_parts(parts, empty_body());
+                    }
+                }
+                response_filter(resp)
+            }
             Err(e) => {
                 warn!(subdomain = %host, vm_id = %target.vm_id, error = %e, "upstream request failed");
                 json_error(
@@ -185,6 +226,63 @@ impl Proxy {
         }
     }
 
+    /// Phase 4: what the guest sees. Hop-by-hop headers go (an upgrade's own
+    /// `Connection: upgrade` / `Upgrade` are put back); `X-Forwarded-For` is
+    /// appended to (one header), `X-Forwarded-Host` and `-Proto` are set. Incoming
+    /// forwarding headers are kept only from trusted peers when a trust list is set.
+    fn upstream_request_filter(
+        &self,
+        req: &mut Request<()>,
+        host: &str,
+        peer: SocketAddr,
+        upgrade: Option<HeaderValue>,
+    ) {
+        let trusted = self.cfg.trusted_proxies.is_empty()
+            || self
+                .cfg
+                .trusted_proxies
+                .iter()
+                .any(|n| n.contains(&peer.ip()));
+        let headers = req.headers_mut();
+        strip_hop_by_hop(headers);
+        headers.remove(header::EXPECT); // answered here, not by the guest
+        let client_ip = peer.ip().to_string();
+        let prev: Vec<String> = if trusted {
+            headers
+                .get_all("x-forwarded-for")
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .map(|v| v.trim().to_string())
+                .filter(|v| !v.is_empty())
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let xff = if prev.is_empty() {
+            client_ip
+        } else {
+            format!("{}, {client_ip}", prev.join(", "))
+        };
+        headers.remove("x-forwarded-for");
+        if let Ok(v) = HeaderValue::from_str(&xff) {
+            headers.insert("x-forwarded-for", v);
+        }
+        if let Ok(v) = HeaderValue::from_str(host) {
+            if !(trusted && headers.contains_key("x-forwarded-host")) {
+                headers.insert("x-forwarded-host", v.clone());
+            }
+            // HTTP/2 clients send :authority, not Host; the guest gets a Host.
+            headers.entry(header::HOST).or_insert(v);
+        }
+        if !(trusted && headers.contains_key("x-forwarded-proto")) {
+            headers.insert("x-forwarded-proto", HeaderValue::from_static("http"));
+        }
+        if let Some(proto) = upgrade {
+            headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+            headers.insert(header::UPGRADE, proto);
+        }
+    }
+
     /// Phase 3 for a just-woken VM: a refused or reset connection means the
     /// guest's service is not listening yet (user-mode networking accepts on the
     /// host side, then closes when the guest refuses), so send again, polling
@@ -220,6 +318,31 @@ impl Proxy {
     }
 }
 
+/// Largest request head hyper buffers; beyond it the client gets 431.
+const MAX_HEAD_BUF: usize = 64 * 1024;
+
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// True when the connection starts with the HTTP/2 preface (prior knowledge).
+async fn sniff_h2(stream: &tokio::net::TcpStream) -> std::io::Result<bool> {
+    let mut buf = [0u8; 24];
+    loop {
+        let n = stream.peek(&mut buf).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        if buf[..n] != H2_PREFACE[..n] {
+            return Ok(false);
+        }
+        if n == H2_PREFACE.len() {
+            return Ok(true);
+        }
+        // A prefix of the preface so far: wait for more.
+        stream.readable().await?;
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
 /// Headers that belong to one connection and are never forwarded.
 const HOP_BY_HOP: [HeaderName; 8] = [
     header::CONNECTION,
@@ -246,27 +369,6 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     headers.remove(header::UPGRADE);
 }
 
-/// Phase 4: what the guest sees.
-fn upstream_request_filter(req: &mut Request<()>, host: &str, peer: SocketAddr) {
-    let headers = req.headers_mut();
-    strip_hop_by_hop(headers);
-    let client_ip = peer.ip().to_string();
-    let xff = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
-        Some(prev) if !prev.trim().is_empty() => format!("{prev}, {client_ip}"),
-        _ => client_ip,
-    };
-    headers.remove("x-forwarded-for");
-    if let Ok(v) = HeaderValue::from_str(&xff) {
-        headers.insert("x-forwarded-for", v);
-    }
-    if let Ok(v) = HeaderValue::from_str(host) {
-        headers.insert("x-forwarded-host", v.clone());
-        // HTTP/2 clients send :authority, not Host; the guest gets a Host.
-        headers.entry(header::HOST).or_insert(v);
-    }
-    headers.insert("x-forwarded-proto", HeaderValue::from_static("http"));
-}
-
 fn build_upstream(head: &Request<()>, addr: SocketAddr, body: ProxyBody) -> Request<ProxyBody> {
     let pq = head
         .uri()
@@ -284,6 +386,57 @@ fn build_upstream(head: &Request<()>, addr: SocketAddr, body: ProxyBody) -> Requ
 }
 
 /// Phase 5: what the client sees.
+/// The protocol asked for by an HTTP/1.1 upgrade request.
+fn upgrade_protocol(headers: &HeaderMap) -> Option<HeaderValue> {
+    let wants = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
+    if wants {
+        headers.get(header::UPGRADE).cloned()
+    } else {
+        None
+    }
+}
+
+/// The framing guard replaced a refused head with a request carrying this header.
+fn framing_check(headers: &HeaderMap) -> Result<(), String> {
+    match headers.get(framing::FRAMING_ERROR_HEADER) {
+        Some(v) => Err(format!(
+            "bad request framing: {}",
+            v.to_str().unwrap_or("invalid")
+        )),
+        None => Ok(()),
+    }
+}
+
+/// Relays bytes both ways between an upgraded client connection and the guest
+/// until either side closes.
+async fn splice(
+    client: hyper::upgrade::OnUpgrade,
+    upstream: hyper::upgrade::OnUpgrade,
+    _activity: crate::manager::ActivityGuard,
+) {
+    let (client, upstream) = match tokio::try_join!(client, upstream) {
+        Ok(x) => x,
+        Err(e) => {
+            debug!(error = %e, "upgrade failed");
+            return;
+        }
+    };
+    let mut client = TokioIo::new(client);
+    let mut upstream = TokioIo::new(upstream);
+    if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+        debug!(error = %e, "upgraded connection ended with an error");
+    }
+}
+
+fn empty_body() -> ProxyBody {
+    http_body_util::Empty::new().map_err(BoxError::from).boxed()
+}
+
 fn response_filter(resp: Response<Incoming>) -> Response<ProxyBody> {
     let (mut parts, body) = resp.into_parts();
     strip_hop_by_hop(&mut parts.headers);
@@ -297,6 +450,12 @@ fn upstream_error(target: &RouteTarget, e: UpstreamError) -> Response<ProxyBody>
         UpstreamError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
         UpstreamError::WakeFailed(_) => StatusCode::SERVICE_UNAVAILABLE,
         UpstreamError::Internal(_) => StatusCode::BAD_GATEWAY,
+        UpstreamError::Overloaded(_) => {
+            let mut resp = json_error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string());
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            return resp;
+        }
     };
     if status != StatusCode::SERVICE_UNAVAILABLE || matches!(e, UpstreamError::WakeFailed(_)) {
         warn!(vm_id = %target.vm_id, error = %e, "proxy could not reach vm");

@@ -30,6 +30,9 @@ pub struct FakeBehaviour {
     pub fail: Option<String>,
     /// The guest's service starts listening this long after the VM is up.
     pub service_delay: Duration,
+    /// Forward every guest port to this loopback server instead of the built-in
+    /// one (tests of HTTP behaviour that does not depend on the guest).
+    pub backend: Option<SocketAddr>,
 }
 
 #[derive(Default)]
@@ -214,6 +217,20 @@ impl Machine for FakeMachine {
     async fn forward_port(&self, guest_port: u16) -> Result<SocketAddr, VmmError> {
         if let Some(a) = self.forwarded(guest_port) {
             return Ok(a);
+        }
+        let backend = self
+            .hv
+            .behaviour
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .backend;
+        if let Some(addr) = backend {
+            let task = tokio::spawn(async {});
+            self.ports
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(guest_port, (addr, task));
+            return Ok(addr);
         }
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
