@@ -123,8 +123,11 @@ pub async fn start(cfg: Config) -> Result<Running, DaemonError> {
 }
 
 /// Starts hatchd with the given hypervisor (tests pass the fake one).
-pub async fn start_with(cfg: Config, hv: Arc<dyn Hypervisor>) -> Result<Running, DaemonError> {
+pub async fn start_with(mut cfg: Config, hv: Arc<dyn Hypervisor>) -> Result<Running, DaemonError> {
     std::fs::create_dir_all(&cfg.data_dir)
+        .map_err(|e| DaemonError::DataDir(cfg.data_dir.clone(), e))?;
+    // Every path derived from the data dir (work dirs, snapshots) is absolute.
+    cfg.data_dir = std::fs::canonicalize(&cfg.data_dir)
         .map_err(|e| DaemonError::DataDir(cfg.data_dir.clone(), e))?;
     let store = match &cfg.database_url {
         Some(url) => Store::open_url(url).await?,

@@ -71,7 +71,20 @@ async fn route_snapshot_stop_and_wake_with_a_real_guest() {
     assert_eq!(v["state"], "running");
     assert_eq!(v["boot_count"], 2);
 
-    // API start/restore work too.
+    // API start: "running" means the guest is up (its ready line is in this
+    // boot's serial log), not that QEMU was spawned.
+    h.call("POST", &format!("/vms/{vm}/stop"), None).await;
+    let (s, v) = h.call("POST", &format!("/vms/{vm}/start"), None).await;
+    assert_eq!((s, v["state"].clone()), (200, json!("running")), "{v}");
+    assert_eq!(
+        h.serial_log(&vm).matches("HATCH_GUEST_READY").count(),
+        1,
+        "{}",
+        h.serial_log(&vm)
+    );
+    get_page(&h, "myapp.hatch.local", &vm).await;
+
+    // API restore.
     h.call("POST", &format!("/vms/{vm}/snapshot"), None).await;
     let (s, v) = h.call("POST", &format!("/vms/{vm}/restore"), None).await;
     assert_eq!((s, v["state"].clone()), (200, json!("running")), "{v}");

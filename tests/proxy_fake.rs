@@ -203,6 +203,34 @@ async fn w5_failed_wake_is_503_and_state_tells_the_truth() {
 }
 
 #[tokio::test]
+async fn a_restore_that_failed_for_a_host_reason_can_be_retried() {
+    let d = FakeDaemon::start(&[]).await;
+    let vm = cold_vm(&d, "myapp", true).await;
+    d.fake
+        .set(|b| b.fail = Some("cannot create PID file".into()));
+    let (s, _) = d.get("myapp.hatch.local").await;
+    assert_eq!(s, 503);
+    let (_, v) = d.call("GET", &format!("/vms/{vm}"), None).await;
+    assert_eq!(v["state"], "error");
+    // Still failing: the API says so and the VM stays in error.
+    let (s, v) = d.call("POST", &format!("/vms/{vm}/restore"), None).await;
+    assert_eq!(s, 500, "{v}");
+    assert!(
+        v["error"]
+            .as_str()
+            .unwrap()
+            .contains("cannot create PID file"),
+        "{v}"
+    );
+    // Fixed: the snapshot (the VM's memory) is restored, not thrown away.
+    d.fake.set(|b| b.fail = None);
+    let (s, v) = d.call("POST", &format!("/vms/{vm}/restore"), None).await;
+    assert_eq!((s, v["state"].clone()), (200, json!("running")), "{v}");
+    assert_eq!(d.fake.restores.load(SeqCst), 3);
+    assert_eq!(d.fake.boots.load(SeqCst), 1, "no cold boot");
+}
+
+#[tokio::test]
 async fn auto_wake_false_is_503_and_vm_stays_asleep() {
     let d = FakeDaemon::start(&[]).await;
     let vm = cold_vm(&d, "sleepy", false).await;

@@ -4,14 +4,19 @@
 //! `http://127.0.0.1:8080`), the key from `--key` / `HATCH_API_KEY`, else from
 //! `$HATCH_DATA_DIR/admin.key` (default `./data/admin.key`).
 
+use std::io::IsTerminal;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use serde_json::{json, Value};
 
+/// Client for the hatchd API.
+///
+/// The key comes from --key, HATCH_API_KEY, or else $HATCH_DATA_DIR/admin.key
+/// (default ./data/admin.key), the file hatchd writes on its first start.
 #[derive(Parser)]
-#[command(name = "hatch", about = "Client for the hatchd API")]
+#[command(name = "hatch", version)]
 struct Cli {
     #[arg(long, env = "HATCH_API", default_value = "http://127.0.0.1:8080")]
     api: String,
@@ -48,28 +53,22 @@ enum VmCmd {
         #[arg(long)]
         no_wait: bool,
     },
+    /// List your VMs, newest first.
     List,
-    Get {
-        id: String,
-    },
-    Delete {
-        id: String,
-    },
-    Stop {
-        id: String,
-    },
-    Start {
-        id: String,
-    },
-    Snapshot {
-        id: String,
-    },
-    Restore {
-        id: String,
-    },
-    Snapshots {
-        id: String,
-    },
+    /// Show one VM.
+    Get { id: String },
+    /// Delete a VM with its routes and snapshots.
+    Delete { id: String },
+    /// Power a running VM off.
+    Stop { id: String },
+    /// Cold-boot a stopped VM.
+    Start { id: String },
+    /// Save a running VM's memory and put it to sleep.
+    Snapshot { id: String },
+    /// Resume a snapshotted VM.
+    Restore { id: String },
+    /// List a VM's snapshots, newest first.
+    Snapshots { id: String },
 }
 
 #[derive(Subcommand)]
@@ -84,12 +83,10 @@ enum RouteCmd {
         #[arg(long)]
         no_auto_wake: bool,
     },
-    List {
-        vm: String,
-    },
-    Delete {
-        id: String,
-    },
+    /// List a VM's routes, newest first.
+    List { vm: String },
+    /// Delete a route.
+    Delete { id: String },
 }
 
 struct Client {
@@ -237,17 +234,22 @@ async fn wait_running(c: &Client, id: &str) -> anyhow::Result<Value> {
             .await?;
         match vm["state"].as_str() {
             Some("running") => {
-                eprintln!(
-                    "\r{id}: running after {:.1}s          ",
-                    t0.elapsed().as_secs_f64()
-                );
+                let cr = if std::io::stderr().is_terminal() {
+                    "\r"
+                } else {
+                    ""
+                };
+                eprintln!("{cr}{id}: running after {:.1}s", t0.elapsed().as_secs_f64());
                 return Ok(vm);
             }
             Some("error") => bail!(
                 "{id} failed: {}",
                 vm["last_error"].as_str().unwrap_or("unknown")
             ),
-            Some(s) => eprint!("\r{id}: {s} ({:.0}s)", t0.elapsed().as_secs_f64()),
+            Some(s) if std::io::stderr().is_terminal() => {
+                eprint!("\r{id}: {s} ({:.0}s)", t0.elapsed().as_secs_f64())
+            }
+            Some(_) => {}
             None => bail!("unexpected answer: {vm}"),
         }
         tokio::time::sleep(Duration::from_millis(250)).await;

@@ -170,6 +170,9 @@ enum WakeMode {
     Auto,
     /// `POST /start`: also from error.
     Start,
+    /// `POST /restore`: from snapshotted, or from error when a snapshot exists
+    /// (a restore that failed for a reason outside the snapshot can be retried).
+    Restore,
 }
 
 type WakeResult = std::result::Result<(), ManagerError>;
@@ -260,7 +263,7 @@ impl Manager {
                     vm_id = %vm.id,
                     previous_state = %vm.state,
                     killed_leftover_process = killed,
-                    "vm was {} when hatchd last stopped; its process is gone, marking it stopped (the next request boots it)",
+                    "vm was {} when hatchd last stopped; its memory is lost (a leftover process is ended), marking it stopped (the next request boots it)",
                     vm.state
                 );
                 self.store
@@ -461,10 +464,16 @@ impl Manager {
     pub async fn restore_vm(self: &Arc<Self>, user: &str, vm_id: &str) -> Result<Vm> {
         let vm = self.owned_vm(user, vm_id).await?;
         let vm = self.present(vm);
-        if !matches!(vm.state, VmState::Snapshotted | VmState::Starting) {
-            return Err(wrong_state("restore", vm.state, "snapshotted"));
+        let retry_after_error =
+            vm.state == VmState::Error && !self.store.list_snapshots(vm_id).await?.is_empty();
+        if !(matches!(vm.state, VmState::Snapshotted | VmState::Starting) || retry_after_error) {
+            return Err(wrong_state(
+                "restore",
+                vm.state,
+                "snapshotted, or error with a snapshot",
+            ));
         }
-        self.wake_and_wait(vm_id, WakeMode::Auto).await?;
+        self.wake_and_wait(vm_id, WakeMode::Restore).await?;
         self.get_vm(user, vm_id).await
     }
 
@@ -638,8 +647,8 @@ impl Manager {
             return Ok(()); // someone woke it while we queued
         }
         let restore = match (vm.state, mode) {
-            (VmState::Snapshotted, _) => true,
-            (VmState::Stopped | VmState::Running, _) => false,
+            (VmState::Snapshotted, _) | (VmState::Error, WakeMode::Restore) => true,
+            (VmState::Stopped | VmState::Running, WakeMode::Auto | WakeMode::Start) => false,
             (VmState::Error, WakeMode::Start) => false,
             (s, _) => {
                 return Err(ManagerError::Conflict(format!(

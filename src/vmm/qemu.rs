@@ -52,6 +52,9 @@ const NETDEV_ID: &str = "net0";
 const QUIT_GRACE: Duration = Duration::from_secs(5);
 /// Deadline for a migration (save or load) to complete.
 const MIGRATE_TIMEOUT: Duration = Duration::from_secs(120);
+/// The VM id of the guest `detect` boots to try KVM.
+const KVM_PROBE_ID: &str = "kvm-probe";
+
 /// The QEMU process id, for reconciliation after a hatchd crash.
 pub const PID_FILE: &str = "qemu.pid";
 
@@ -181,7 +184,11 @@ impl QemuHypervisor {
                 AccelChoice::Kvm
             }
             Err(reason) => {
-                tracing::info!(%reason, "qemu accelerator: tcg (kvm unusable)");
+                tracing::info!(
+                    reason = %reason.lines().next().unwrap_or(""),
+                    "qemu accelerator: tcg (a guest could not run under kvm here; this is expected on nested or unsupported hosts)"
+                );
+                tracing::debug!(%reason, "kvm probe details");
                 AccelChoice::Tcg
             }
         };
@@ -211,7 +218,7 @@ impl QemuHypervisor {
         let dir =
             std::env::temp_dir().join(format!("hatch-kvm-probe-{}-{nanos}", std::process::id()));
         let spec = BootSpec {
-            vm_id: "kvm-probe".into(),
+            vm_id: KVM_PROBE_ID.into(),
             kernel: kernel.to_path_buf(),
             initrd: initrd.map(Path::to_path_buf),
             boot_args: boot_args.to_string(),
@@ -329,8 +336,28 @@ impl QemuHypervisor {
 
     /// Prepare the work dir and start QEMU. Returns the machine with its wait task.
     async fn spawn(&self, spec: &BootSpec, restore: bool) -> Result<QemuMachine, VmmError> {
+        // QEMU runs inside the work dir and is given paths in it: they must be
+        // absolute, or a relative HATCH_DATA_DIR would point nowhere.
+        let spec = &BootSpec {
+            work_dir: std::path::absolute(&spec.work_dir)?,
+            kernel: std::path::absolute(&spec.kernel)?,
+            initrd: spec
+                .initrd
+                .as_deref()
+                .map(std::path::absolute)
+                .transpose()?,
+            ..spec.clone()
+        };
         let wd = &spec.work_dir;
         tokio::fs::create_dir_all(wd).await?;
+        if !restore {
+            // The ready marker of a previous boot must not count for this one.
+            match tokio::fs::remove_file(wd.join(SERIAL_LOG)).await {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
         let sock = wd.join(QMP_SOCKET);
         if sock.as_os_str().len() > 100 {
             return Err(VmmError::Spawn {
@@ -729,7 +756,12 @@ impl Hypervisor for QemuHypervisor {
         }
         .await;
         if let Err(e) = result {
-            tracing::warn!(vm_id = %spec.vm_id, error = %e, "qemu boot failed");
+            if spec.vm_id == KVM_PROBE_ID {
+                // Expected on hosts where KVM cannot run guests: `detect` says so.
+                tracing::debug!(error = %e, "kvm probe boot failed");
+            } else {
+                tracing::warn!(vm_id = %spec.vm_id, error = %e, "qemu boot failed");
+            }
             machine.kill_and_wait().await;
             return Err(e);
         }

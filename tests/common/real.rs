@@ -88,7 +88,9 @@ impl Hatchd {
             .env("PATH", std::env::var("PATH").unwrap_or_default())
             .env("HATCH_HTTP_ADDR", "127.0.0.1:0")
             .env("HATCH_PROXY_ADDR", "127.0.0.1:0")
-            .env("HATCH_DATA_DIR", &data)
+            // Relative, as with the quick start's default `./data`.
+            .current_dir(self.root.path())
+            .env("HATCH_DATA_DIR", "data")
             .env("HATCH_DEFAULT_IMAGE_DIR", image_dir())
             .env("HATCH_DEFAULT_MEM_MIB", "256")
             .env(
