@@ -145,6 +145,8 @@ pub async fn start_with(mut cfg: Config, hv: Arc<dyn Hypervisor>) -> Result<Runn
             default_vcpu: cfg.default_vcpu,
             default_mem_mib: cfg.default_mem_mib,
             max_wake_waiters: cfg.proxy_max_wake_waiters,
+            idle_timeout: cfg.idle_timeout,
+            idle_check_interval: cfg.idle_check_interval,
             default_boot_args: if cfg.default_boot_args.is_empty() {
                 DEFAULT_BOOT_ARGS.to_string()
             } else {
@@ -196,6 +198,7 @@ pub async fn start_with(mut cfg: Config, hv: Arc<dyn Hypervisor>) -> Result<Runn
             trusted_proxies: cfg.proxy_trusted_proxies.clone(),
         },
     );
+    let reaper_task = mgr.spawn_reaper(shutdown_rx.clone());
     let proxy_task = tokio::spawn(proxy.serve(proxy_listener, shutdown_rx));
     info!(%api_addr, %proxy_addr, base_domain = %cfg.proxy_base_domain, data_dir = %cfg.data_dir.display(), "hatchd listening");
     Ok(Running {
@@ -203,7 +206,7 @@ pub async fn start_with(mut cfg: Config, hv: Arc<dyn Hypervisor>) -> Result<Runn
         proxy_addr,
         manager: mgr,
         shutdown,
-        tasks: vec![api_task, proxy_task],
+        tasks: vec![api_task, proxy_task, reaper_task],
     })
 }
 

@@ -35,6 +35,67 @@ fn ser_ts<S: Serializer>(t: &DateTime<Utc>, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_str(&ts(t))
 }
 
+fn ser_opt_ts<S: Serializer>(t: &Option<DateTime<Utc>>, s: S) -> Result<S::Ok, S::Error> {
+    match t {
+        Some(t) => s.serialize_str(&ts(t)),
+        None => s.serialize_none(),
+    }
+}
+
+/// Durations are shown in Go syntax (`45m0s` style is avoided: `2700s`).
+fn ser_opt_dur<S: Serializer>(d: &Option<std::time::Duration>, s: S) -> Result<S::Ok, S::Error> {
+    match d {
+        Some(d) => s.serialize_str(&fmt_duration(*d)),
+        None => s.serialize_none(),
+    }
+}
+
+/// `1500ms`, `30s`, `45m`, `2h`: the largest unit that divides the duration.
+pub fn fmt_duration(d: std::time::Duration) -> String {
+    let ms = d.as_millis();
+    if ms == 0 {
+        "0s".into()
+    } else if ms % 3_600_000 == 0 {
+        format!("{}h", ms / 3_600_000)
+    } else if ms % 60_000 == 0 {
+        format!("{}m", ms / 60_000)
+    } else if ms % 1000 == 0 {
+        format!("{}s", ms / 1000)
+    } else {
+        format!("{ms}ms")
+    }
+}
+
+/// How an idle VM is put to sleep.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SleepMode {
+    /// Save memory and devices; the next request restores it (fast, keeps state).
+    #[default]
+    Snapshot,
+    /// Power off; the next request boots it (for guests that cannot be snapshotted).
+    Stop,
+}
+
+impl SleepMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SleepMode::Snapshot => "snapshot",
+            SleepMode::Stop => "stop",
+        }
+    }
+}
+
+/// One lifecycle event of a VM, with the durations of its phases in milliseconds.
+#[derive(Debug, Clone, Serialize)]
+pub struct VmEvent {
+    #[serde(serialize_with = "ser_ts")]
+    pub at: DateTime<Utc>,
+    /// `boot`, `restore`, `snapshot`, `stop`, `exit`, `error`.
+    pub kind: String,
+    pub detail: serde_json::Value,
+}
+
 /// The lifecycle states of the API. `starting` and `stopping` are transient and
 /// only ever held in memory while an operation runs; the store keeps the state a
 /// VM returns to if hatchd dies mid-operation.
@@ -106,6 +167,23 @@ pub struct Vm {
     /// Why the VM last failed, when it did.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
+    /// Idle time after which the VM is put to sleep (`HATCH_IDLE_TIMEOUT` when unset).
+    #[serde(
+        serialize_with = "ser_opt_dur",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub idle_timeout: Option<std::time::Duration>,
+    /// How often the VM's idleness is checked (`HATCH_IDLE_CHECK_INTERVAL` when unset).
+    #[serde(
+        serialize_with = "ser_opt_dur",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub idle_check_interval: Option<std::time::Duration>,
+    /// How the VM goes to sleep: `snapshot` (default) or `stop`.
+    pub sleep_mode: SleepMode,
+    /// The last proxied request, connection or API operation.
+    #[serde(serialize_with = "ser_opt_ts", skip_serializing_if = "Option::is_none")]
+    pub last_activity_at: Option<DateTime<Utc>>,
     #[serde(serialize_with = "ser_ts")]
     pub created_at: DateTime<Utc>,
     #[serde(serialize_with = "ser_ts")]

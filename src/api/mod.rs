@@ -80,6 +80,7 @@ pub fn router(state: AppState) -> Router {
         .route("/vms/{id}/snapshot", post(snapshot_vm))
         .route("/vms/{id}/restore", post(restore_vm))
         .route("/vms/{id}/snapshots", get(list_snapshots))
+        .route("/vms/{id}/events", get(list_events))
         .route("/vms/{id}/routes", post(create_route).get(list_routes))
         .route("/routes/{id}", delete(delete_route))
         .route("/images", get(list_images))
@@ -205,6 +206,14 @@ async fn list_snapshots(
     Path(id): Path<String>,
 ) -> ApiResult<impl IntoResponse> {
     Ok(Json(s.mgr.list_snapshots(&u.0, &id).await?))
+}
+
+async fn list_events(
+    State(s): State<AppState>,
+    Extension(u): Extension<User>,
+    Path(id): Path<String>,
+) -> ApiResult<impl IntoResponse> {
+    Ok(Json(s.mgr.list_events(&u.0, &id).await?))
 }
 
 async fn create_route(

@@ -9,6 +9,7 @@
 //! every waiter through a `watch` channel: one restore however many requests wait,
 //! and a waiter that gives up does not cancel it.
 
+mod activity;
 mod route_index;
 
 use std::collections::HashMap;
@@ -20,12 +21,17 @@ use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use tokio::sync::watch;
+use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
+pub use activity::{ActivityGuard, Closer};
 pub use route_index::{RouteIndex, RouteTarget};
 
+use activity::{now_ms, Activity};
+
 use crate::model::{
-    new_id, random_alnum, validate_subdomain, Image, Route, Snapshot, Vm, VmState, DEFAULT_IMAGE_ID,
+    new_id, random_alnum, validate_subdomain, Image, Route, SleepMode, Snapshot, Vm, VmEvent,
+    VmState, DEFAULT_IMAGE_ID,
 };
 use crate::store::{Store, StoreError};
 use crate::vmm::{BootSpec, Hypervisor, Machine};
@@ -82,6 +88,10 @@ pub struct ManagerConfig {
     pub default_boot_args: String,
     /// Requests that may wait for one VM's wake at once; more get 503.
     pub max_wake_waiters: usize,
+    /// Default idle time before a VM is put to sleep.
+    pub idle_timeout: Duration,
+    /// Default interval between idleness checks.
+    pub idle_check_interval: Duration,
 }
 
 /// Body of `POST /vms` (unknown fields are refused by the API layer).
@@ -100,6 +110,15 @@ pub struct CreateVm {
     pub enable_network: Option<bool>,
     #[serde(default)]
     pub user_data: Option<String>,
+    /// Go duration (`10m`); default `HATCH_IDLE_TIMEOUT`.
+    #[serde(default)]
+    pub idle_timeout: Option<String>,
+    /// Go duration; default `HATCH_IDLE_CHECK_INTERVAL`.
+    #[serde(default)]
+    pub idle_check_interval: Option<String>,
+    /// `snapshot` (default) or `stop`.
+    #[serde(default)]
+    pub sleep_mode: Option<SleepMode>,
 }
 
 /// Body of `POST /vms/{id}/routes`.
@@ -137,15 +156,6 @@ pub enum UpstreamError {
     Overloaded(usize),
 }
 
-/// Marks a VM busy while alive (an upgraded connection, a streaming response).
-pub struct ActivityGuard(Arc<VmRuntime>);
-
-impl Drop for ActivityGuard {
-    fn drop(&mut self) {
-        self.0.active.fetch_sub(1, Ordering::SeqCst);
-    }
-}
-
 /// Counts a request among the VM's wake waiters while alive.
 struct WaiterGuard(Arc<VmRuntime>);
 
@@ -164,6 +174,24 @@ pub struct Upstream {
     pub woke: bool,
 }
 
+/// Who asked for a VM to sleep.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Trigger {
+    Api,
+    Idle,
+    Shutdown,
+}
+
+impl Trigger {
+    fn as_str(self) -> &'static str {
+        match self {
+            Trigger::Api => "api",
+            Trigger::Idle => "idle",
+            Trigger::Shutdown => "shutdown",
+        }
+    }
+}
+
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum WakeMode {
     /// Proxy wake or create: from stopped or snapshotted.
@@ -173,6 +201,16 @@ enum WakeMode {
     /// `POST /restore`: from snapshotted, or from error when a snapshot exists
     /// (a restore that failed for a reason outside the snapshot can be retried).
     Restore,
+}
+
+impl WakeMode {
+    fn as_str(self) -> &'static str {
+        match self {
+            WakeMode::Auto => "auto",
+            WakeMode::Start => "start",
+            WakeMode::Restore => "restore",
+        }
+    }
 }
 
 type WakeResult = std::result::Result<(), ManagerError>;
@@ -194,8 +232,8 @@ struct VmRuntime {
     inner: Mutex<Inner>,
     /// Requests currently waiting for a wake (bounded by `max_wake_waiters`).
     waiters: AtomicUsize,
-    /// Open upgraded connections and other long-lived activity.
-    active: AtomicUsize,
+    /// Requests, streams and connections in flight; the idle clock.
+    activity: Arc<Activity>,
 }
 
 impl VmRuntime {
@@ -302,6 +340,10 @@ impl Manager {
             if let Some(t) = rt.lock().transient {
                 vm.state = t;
             }
+            let ms = rt.activity.last_ms.load(Ordering::SeqCst);
+            if ms > 0 {
+                vm.last_activity_at = chrono::DateTime::from_timestamp_millis(ms as i64);
+            }
         }
         vm
     }
@@ -344,6 +386,22 @@ impl Manager {
             0 => self.cfg.default_mem_mib,
             n => n.clamp(128, 65536) as u32,
         };
+        let dur = |field: &str, v: Option<String>| -> Result<Option<Duration>> {
+            v.filter(|s| !s.is_empty())
+                .map(|s| {
+                    crate::config::parse_duration(&s)
+                        .ok()
+                        .filter(|d| !d.is_zero())
+                        .ok_or_else(|| {
+                            ManagerError::BadRequest(format!(
+                                "{field} must be a positive duration such as 30s, 10m or 1h (got {s:?})"
+                            ))
+                        })
+                })
+                .transpose()
+        };
+        let idle_timeout = dur("idle_timeout", req.idle_timeout)?;
+        let idle_check_interval = dur("idle_check_interval", req.idle_check_interval)?;
         let now = Utc::now();
         let vm = Vm {
             id: new_id("vm"),
@@ -360,10 +418,15 @@ impl Manager {
             boot_count: 0,
             restore_count: 0,
             last_error: None,
+            idle_timeout,
+            idle_check_interval,
+            sleep_mode: req.sleep_mode.unwrap_or_default(),
+            last_activity_at: Some(now),
             created_at: now,
             updated_at: now,
         };
         self.store.insert_vm(&vm).await?;
+        self.runtime(&vm.id).activity.touch();
         info!(vm_id = %vm.id, image_id = %vm.image_id, vcpu, mem_mib = mem, "vm created; booting");
         let _ = self.wake(&vm.id, WakeMode::Auto);
         Ok(self.present(vm))
@@ -413,18 +476,31 @@ impl Manager {
 
     pub async fn stop_vm(&self, user: &str, vm_id: &str) -> Result<Vm> {
         self.owned_vm(user, vm_id).await?;
+        self.stop_inner(vm_id, Trigger::Api).await?;
+        self.get_vm(user, vm_id).await
+    }
+
+    /// Powers the VM off. For [`Trigger::Idle`] nothing happens (`Ok(false)`)
+    /// when the VM turned out to be busy after all.
+    async fn stop_inner(&self, vm_id: &str, trigger: Trigger) -> Result<bool> {
         let rt = self.runtime(vm_id);
         let _op = rt.op.lock().await;
-        let vm = self.owned_vm(user, vm_id).await?;
+        let vm = self
+            .store
+            .get_vm(vm_id)
+            .await?
+            .ok_or(ManagerError::NotFound)?;
         if !matches!(vm.state, VmState::Running | VmState::Error) {
             return Err(wrong_state("stop", vm.state, "running or error"));
         }
-        let machine = {
-            let mut inner = rt.lock();
-            inner.transient = Some(VmState::Stopping);
-            inner.machine.take()
-        };
+        rt.lock().transient = Some(VmState::Stopping);
+        if trigger == Trigger::Idle && !self.still_idle(&rt, &vm) {
+            rt.lock().transient = None;
+            return Ok(false);
+        }
         let t0 = Instant::now();
+        let closed = self.close_connections(&rt).await;
+        let machine = rt.lock().machine.take();
         let res = match machine {
             Some(m) => m.shutdown().await,
             None => Ok(()),
@@ -437,12 +513,42 @@ impl Manager {
         self.store
             .set_vm_state(vm_id, VmState::Stopped, None)
             .await?;
+        let total_ms = t0.elapsed().as_millis() as u64;
         info!(
             vm_id,
-            elapsed_ms = t0.elapsed().as_millis() as u64,
+            trigger = trigger.as_str(),
+            closed_connections = closed,
+            total_ms,
             "vm stopped"
         );
-        self.get_vm(user, vm_id).await
+        self.event(
+            vm_id,
+            "stop",
+            serde_json::json!({"trigger": trigger.as_str(), "total_ms": total_ms, "closed_connections": closed}),
+        )
+        .await;
+        Ok(true)
+    }
+
+    /// Asks open connections and streams of the VM to finish cleanly (WebSocket
+    /// close 1001, end of stream) and waits briefly for them to do so.
+    async fn close_connections(&self, rt: &VmRuntime) -> usize {
+        let n = rt.activity.close_all();
+        if n > 0 {
+            let deadline = Instant::now() + Duration::from_secs(2);
+            while rt.activity.busy() && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+        n
+    }
+
+    /// Under the VM's op lock with the transient state set, so no new request
+    /// can start using it: is it still idle?
+    fn still_idle(&self, rt: &VmRuntime, vm: &Vm) -> bool {
+        let timeout = vm.idle_timeout.unwrap_or(self.cfg.idle_timeout);
+        let last = rt.activity.last_ms.load(Ordering::SeqCst);
+        !rt.activity.busy() && now_ms().saturating_sub(last) >= timeout.as_millis() as u64
     }
 
     pub async fn start_vm(self: &Arc<Self>, user: &str, vm_id: &str) -> Result<Vm> {
@@ -479,9 +585,22 @@ impl Manager {
 
     pub async fn snapshot_vm(&self, user: &str, vm_id: &str) -> Result<Snapshot> {
         self.owned_vm(user, vm_id).await?;
+        self.snapshot_inner(vm_id, Trigger::Api)
+            .await?
+            .ok_or_else(|| ManagerError::Internal("snapshot skipped".into()))
+    }
+
+    /// Saves the VM and puts it to sleep. For [`Trigger::Idle`] nothing happens
+    /// (`Ok(None)`) when the VM turned out to be busy after all. Requests that
+    /// arrive meanwhile wait for the snapshot, then wake the VM again.
+    async fn snapshot_inner(&self, vm_id: &str, trigger: Trigger) -> Result<Option<Snapshot>> {
         let rt = self.runtime(vm_id);
         let _op = rt.op.lock().await;
-        let vm = self.owned_vm(user, vm_id).await?;
+        let vm = self
+            .store
+            .get_vm(vm_id)
+            .await?
+            .ok_or(ManagerError::NotFound)?;
         let machine = rt.lock().machine.clone();
         let (VmState::Running, Some(machine)) = (vm.state, machine) else {
             return Err(ManagerError::Conflict(format!(
@@ -490,10 +609,15 @@ impl Manager {
             )));
         };
         rt.lock().transient = Some(VmState::Stopping);
+        if trigger == Trigger::Idle && !self.still_idle(&rt, &vm) {
+            rt.lock().transient = None;
+            return Ok(None);
+        }
+        let t0 = Instant::now();
+        let closed = self.close_connections(&rt).await;
         let snap_id = new_id("snap");
         let dir = self.snapshot_dir(vm_id);
         let path = dir.join(format!("{snap_id}.vmstate"));
-        let t0 = Instant::now();
         let res = async {
             tokio::fs::create_dir_all(&dir).await?;
             machine
@@ -502,10 +626,13 @@ impl Manager {
                 .map_err(|e| ManagerError::Vmm(format!("snapshot failed: {e}")))
         }
         .await;
+        let write_ms = t0.elapsed().as_millis() as u64;
         if let Err(e) = res {
             // The driver resumed the guest: it keeps running and serving.
             rt.lock().transient = None;
             warn!(vm_id, error = %e, "snapshot failed; vm left running");
+            self.event(vm_id, "error", serde_json::json!({"op": "snapshot", "trigger": trigger.as_str(), "error": e.to_string()}))
+                .await;
             return Err(e);
         }
         {
@@ -528,15 +655,28 @@ impl Manager {
         self.store
             .set_vm_state(vm_id, VmState::Snapshotted, None)
             .await?;
+        let total_ms = t0.elapsed().as_millis() as u64;
         info!(
             vm_id,
             snapshot_id = %snap.id,
+            trigger = trigger.as_str(),
             size_bytes = size,
-            elapsed_ms = t0.elapsed().as_millis() as u64,
+            closed_connections = closed,
+            write_ms,
+            total_ms,
             "vm snapshotted"
         );
+        self.event(
+            vm_id,
+            "snapshot",
+            serde_json::json!({
+                "trigger": trigger.as_str(), "snapshot_id": snap.id, "size_bytes": size,
+                "closed_connections": closed, "pause_write_ms": write_ms, "total_ms": total_ms,
+            }),
+        )
+        .await;
         self.prune_snapshots(vm_id).await;
-        Ok(snap)
+        Ok(Some(snap))
     }
 
     /// Keeps the newest `max_snapshots_per_vm` snapshots of a VM.
@@ -560,6 +700,7 @@ impl Manager {
 
     pub async fn list_snapshots(&self, user: &str, vm_id: &str) -> Result<Vec<Snapshot>> {
         self.owned_vm(user, vm_id).await?;
+        self.touch(vm_id);
         Ok(self.store.list_snapshots(vm_id).await?)
     }
 
@@ -581,14 +722,94 @@ impl Manager {
             return;
         };
         for vm in vms.into_iter().filter(|v| v.state == VmState::Running) {
-            match self.snapshot_vm(&vm.user_id, &vm.id).await {
+            match self.snapshot_inner(&vm.id, Trigger::Shutdown).await {
                 Ok(_) => info!(vm_id = %vm.id, "vm snapshotted for hatchd shutdown"),
                 Err(e) => {
                     warn!(vm_id = %vm.id, error = %e, "snapshot at shutdown failed; stopping the vm");
-                    let _ = self.stop_vm(&vm.user_id, &vm.id).await;
+                    let _ = self.stop_inner(&vm.id, Trigger::Shutdown).await;
                 }
             }
         }
+    }
+
+    // ---------------------------------------------------------------- idle
+
+    /// Puts idle VMs to sleep until `shutdown` turns true. Every running VM is
+    /// covered, with or without routes; activity is tracked in memory and
+    /// written to the store on each pass, so it survives a restart.
+    pub fn spawn_reaper(self: &Arc<Self>, mut shutdown: watch::Receiver<bool>) -> JoinHandle<()> {
+        let this = self.clone();
+        tokio::spawn(async move {
+            loop {
+                let next = this.reap_once().await;
+                tokio::select! {
+                    _ = tokio::time::sleep(next) => {}
+                    _ = async { let _ = shutdown.wait_for(|v| *v).await; } => return,
+                }
+            }
+        })
+    }
+
+    /// One pass of the reaper; returns when to run the next.
+    async fn reap_once(self: &Arc<Self>) -> Duration {
+        let mut next = self.cfg.idle_check_interval;
+        let vms = match self.store.list_vms(None).await {
+            Ok(v) => v,
+            Err(e) => {
+                warn!(error = %e, "idle reaper could not list vms");
+                return next;
+            }
+        };
+        let now = now_ms();
+        for vm in vms.into_iter().filter(|v| v.state == VmState::Running) {
+            next = next.min(
+                vm.idle_check_interval
+                    .unwrap_or(self.cfg.idle_check_interval),
+            );
+            let rt = self.runtime(&vm.id);
+            let mut last = rt.activity.last_ms.load(Ordering::SeqCst);
+            if last == 0 {
+                // First sight of this VM since hatchd started.
+                last = vm
+                    .last_activity_at
+                    .map(|t| t.timestamp_millis().max(0) as u64)
+                    .unwrap_or(now);
+                rt.activity.last_ms.fetch_max(last, Ordering::SeqCst);
+            }
+            if last > rt.activity.persisted_ms.load(Ordering::SeqCst) {
+                if let Some(at) = chrono::DateTime::from_timestamp_millis(last as i64) {
+                    if self.store.set_last_activity(&vm.id, at).await.is_ok() {
+                        rt.activity.persisted_ms.store(last, Ordering::SeqCst);
+                    }
+                }
+            }
+            let timeout = vm.idle_timeout.unwrap_or(self.cfg.idle_timeout);
+            let idle_for = now.saturating_sub(last);
+            if rt.ready_machine().is_none()
+                || rt.activity.busy()
+                || idle_for < timeout.as_millis() as u64
+            {
+                continue;
+            }
+            let this = self.clone();
+            tokio::spawn(async move {
+                info!(vm_id = %vm.id, idle_ms = idle_for, mode = vm.sleep_mode.as_str(), "vm idle; putting it to sleep");
+                let res = match vm.sleep_mode {
+                    SleepMode::Snapshot => this
+                        .snapshot_inner(&vm.id, Trigger::Idle)
+                        .await
+                        .map(|s| s.is_some()),
+                    SleepMode::Stop => this.stop_inner(&vm.id, Trigger::Idle).await,
+                };
+                match res {
+                    Ok(true) => {}
+                    Ok(false) => info!(vm_id = %vm.id, "vm became busy; left running"),
+                    Err(ManagerError::Conflict(_)) => {} // already asleep
+                    Err(e) => warn!(vm_id = %vm.id, error = %e, "could not put idle vm to sleep"),
+                }
+            });
+        }
+        next.max(Duration::from_millis(50))
     }
 
     // ---------------------------------------------------------------- wake
@@ -694,7 +915,14 @@ impl Manager {
                     inner.generation
                 };
                 self.store.record_wake(vm_id, restore).await?;
+                rt.activity.touch();
                 self.watch_exit(vm_id, rt.clone(), machine, generation);
+                self.event(
+                    vm_id,
+                    kind,
+                    serde_json::json!({"mode": mode.as_str(), "hypervisor_ms": t0.elapsed().as_millis() as u64}),
+                )
+                .await;
                 info!(
                     vm_id,
                     kind,
@@ -710,6 +938,12 @@ impl Manager {
                 self.store
                     .set_vm_state(vm_id, VmState::Error, Some(&msg))
                     .await?;
+                self.event(
+                    vm_id,
+                    "error",
+                    serde_json::json!({"op": kind, "error": msg}),
+                )
+                .await;
                 Err(ManagerError::Vmm(msg))
             }
             Err(_) => {
@@ -801,6 +1035,7 @@ impl Manager {
             validate_subdomain(s).map_err(|e| ManagerError::BadRequest(e.to_string()))?;
         }
         self.owned_vm(user, vm_id).await?;
+        self.touch(vm_id);
         let now = Utc::now();
         let mut route = Route {
             id: new_id("rt"),
@@ -843,6 +1078,7 @@ impl Manager {
 
     pub async fn list_routes(&self, user: &str, vm_id: &str) -> Result<Vec<Route>> {
         self.owned_vm(user, vm_id).await?;
+        self.touch(vm_id);
         Ok(self.store.list_routes(Some(vm_id)).await?)
     }
 
@@ -865,11 +1101,26 @@ impl Manager {
 
     // ---------------------------------------------------------------- proxy
 
-    /// Marks the VM active until the guard is dropped.
+    /// Marks the VM active until the guard is dropped (a proxied request until
+    /// its response's last byte, an upgraded connection until it closes).
     pub fn activity_guard(&self, vm_id: &str) -> ActivityGuard {
-        let rt = self.runtime(vm_id);
-        rt.active.fetch_add(1, Ordering::SeqCst);
-        ActivityGuard(rt)
+        ActivityGuard::new(self.runtime(vm_id).activity.clone())
+    }
+
+    /// An API operation on the VM counts as activity.
+    fn touch(&self, vm_id: &str) {
+        self.runtime(vm_id).activity.touch();
+    }
+
+    pub async fn list_events(&self, user: &str, vm_id: &str) -> Result<Vec<VmEvent>> {
+        self.owned_vm(user, vm_id).await?;
+        Ok(self.store.list_events(vm_id).await?)
+    }
+
+    async fn event(&self, vm_id: &str, kind: &str, detail: serde_json::Value) {
+        if let Err(e) = self.store.add_event(vm_id, kind, &detail).await {
+            warn!(vm_id, kind, error = %e, "could not record vm event");
+        }
     }
 
     /// The proxy's route lookup: memory only.

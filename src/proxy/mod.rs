@@ -10,6 +10,7 @@
 
 mod framing;
 pub mod host;
+mod ws_frames;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -28,9 +29,9 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
-use crate::manager::{Manager, RouteTarget, Upstream, UpstreamError};
+use crate::manager::{ActivityGuard, Manager, RouteTarget, Upstream, UpstreamError};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub type ProxyBody = BoxBody<Bytes, BoxError>;
@@ -134,6 +135,9 @@ impl Proxy {
             Ok(x) => x,
             Err((status, msg)) => return json_error(status, &msg),
         };
+        // The VM is busy from here until the response's last byte (or, for an
+        // upgrade, until the connection closes): the idle reaper leaves it alone.
+        let activity = self.mgr.activity_guard(&target.vm_id);
         let deadline = started + self.cfg.wake_timeout;
         let upstream = match self.mgr.upstream(&target, deadline).await {
             Ok(u) => u,
@@ -141,6 +145,9 @@ impl Proxy {
         };
         // An Upgrade (WebSocket, …): relay the 101, then splice both directions.
         let upgrade = upgrade_protocol(req.headers());
+        let websocket = upgrade
+            .as_ref()
+            .is_some_and(|p| p.as_bytes().eq_ignore_ascii_case(b"websocket"));
         let client_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
         let (parts, body) = req.into_parts();
         let mut head = Request::from_parts(parts, ());
@@ -172,13 +179,24 @@ impl Proxy {
                 if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
                     if let Some(client_upgrade) = client_upgrade {
                         let upstream_upgrade = hyper::upgrade::on(&mut resp);
-                        let activity = self.mgr.activity_guard(&target.vm_id);
-                        tokio::spawn(splice(client_upgrade, upstream_upgrade, activity));
+                        tokio::spawn(splice(
+                            client_upgrade,
+                            upstream_upgrade,
+                            activity,
+                            websocket,
+                        ));
                         let (parts, _) = resp.into_parts();
                         return Response::from_parts(parts, empty_body());
                     }
                 }
-                response_filter(resp)
+                if upstream.woke {
+                    info!(
+                        vm_id = %target.vm_id,
+                        first_byte_ms = started.elapsed().as_millis() as u64,
+                        "request answered after wake"
+                    );
+                }
+                response_filter(resp, activity)
             }
             Err(e) => {
                 warn!(subdomain = %host, vm_id = %target.vm_id, error = %e, "upstream request failed");
@@ -413,12 +431,15 @@ fn framing_check(headers: &HeaderMap) -> Result<(), String> {
 }
 
 /// Relays bytes both ways between an upgraded client connection and the guest
-/// until either side closes.
+/// until either side closes. When the VM is put to sleep meanwhile, a WebSocket
+/// client gets a close frame (1001, going away) at a frame boundary, then FIN.
 async fn splice(
     client: hyper::upgrade::OnUpgrade,
     upstream: hyper::upgrade::OnUpgrade,
-    _activity: crate::manager::ActivityGuard,
+    activity: ActivityGuard,
+    websocket: bool,
 ) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let (client, upstream) = match tokio::try_join!(client, upstream) {
         Ok(x) => x,
         Err(e) => {
@@ -426,21 +447,98 @@ async fn splice(
             return;
         }
     };
-    let mut client = TokioIo::new(client);
-    let mut upstream = TokioIo::new(upstream);
-    if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
-        debug!(error = %e, "upgraded connection ended with an error");
-    }
+    let (mut cr, mut cw) = tokio::io::split(TokioIo::new(client));
+    let (mut ur, mut uw) = tokio::io::split(TokioIo::new(upstream));
+    let closer = activity.closer();
+    let client_to_guest = async {
+        let mut buf = vec![0u8; 16 * 1024];
+        loop {
+            let n = tokio::select! {
+                r = cr.read(&mut buf) => r.unwrap_or(0),
+                _ = closer.closing() => 0,
+            };
+            if n == 0 || uw.write_all(&buf[..n]).await.is_err() {
+                break;
+            }
+        }
+        let _ = uw.shutdown().await;
+    };
+    let guest_to_client = async {
+        let mut buf = vec![0u8; 16 * 1024];
+        let mut frames = ws_frames::Tracker::default();
+        let mut closing = false;
+        loop {
+            let n = tokio::select! {
+                r = ur.read(&mut buf) => r.unwrap_or(0),
+                _ = closer.closing() => { closing = true; 0 }
+            };
+            if n == 0 {
+                break;
+            }
+            frames.feed(&buf[..n]);
+            if cw.write_all(&buf[..n]).await.is_err() {
+                break;
+            }
+        }
+        if closing && websocket && frames.at_boundary() {
+            let _ = cw.write_all(&ws_frames::CLOSE_GOING_AWAY).await;
+        }
+        let _ = cw.shutdown().await;
+    };
+    tokio::join!(client_to_guest, guest_to_client);
+    drop(activity);
 }
 
 fn empty_body() -> ProxyBody {
     http_body_util::Empty::new().map_err(BoxError::from).boxed()
 }
 
-fn response_filter(resp: Response<Incoming>) -> Response<ProxyBody> {
+fn response_filter(resp: Response<Incoming>, activity: ActivityGuard) -> Response<ProxyBody> {
     let (mut parts, body) = resp.into_parts();
     strip_hop_by_hop(&mut parts.headers);
-    Response::from_parts(parts, body.map_err(BoxError::from).boxed())
+    let body = TrackedBody {
+        inner: body.map_err(BoxError::from).boxed(),
+        activity: Some(activity),
+    };
+    Response::from_parts(parts, body.boxed())
+}
+
+/// A response body that keeps its VM busy until the last byte, and ends cleanly
+/// (a complete chunked stream) when the VM is put to sleep.
+struct TrackedBody {
+    inner: ProxyBody,
+    activity: Option<ActivityGuard>,
+}
+
+impl hyper::body::Body for TrackedBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, BoxError>>> {
+        use std::task::Poll;
+        if let Some(a) = &self.activity {
+            if a.closer().poll_closing(cx).is_ready() {
+                self.activity = None;
+                return Poll::Ready(None);
+            }
+        }
+        let polled = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
+        if matches!(polled, Poll::Ready(None) | Poll::Ready(Some(Err(_)))) {
+            self.activity = None;
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 fn upstream_error(target: &RouteTarget, e: UpstreamError) -> Response<ProxyBody> {

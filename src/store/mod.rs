@@ -8,7 +8,7 @@ use chrono::{DateTime, Utc};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow};
 use sqlx::{Row, SqlitePool};
 
-use crate::model::{ts, Image, Route, Snapshot, Vm, VmState};
+use crate::model::{ts, Image, Route, SleepMode, Snapshot, Vm, VmEvent, VmState};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -59,6 +59,20 @@ fn vm_from_row(r: &SqliteRow) -> Result<Vm> {
         boot_count: r.try_get("boot_count")?,
         restore_count: r.try_get("restore_count")?,
         last_error: r.try_get("last_error")?,
+        idle_timeout: r
+            .try_get::<Option<i64>, _>("idle_timeout_ms")?
+            .map(|ms| std::time::Duration::from_millis(ms.max(0) as u64)),
+        idle_check_interval: r
+            .try_get::<Option<i64>, _>("idle_check_interval_ms")?
+            .map(|ms| std::time::Duration::from_millis(ms.max(0) as u64)),
+        sleep_mode: match r.try_get::<String, _>("sleep_mode")?.as_str() {
+            "stop" => SleepMode::Stop,
+            _ => SleepMode::Snapshot,
+        },
+        last_activity_at: r
+            .try_get::<Option<String>, _>("last_activity_at")?
+            .map(|s| parse_ts(&s))
+            .transpose()?,
         created_at: parse_ts(&r.try_get::<String, _>("created_at")?)?,
         updated_at: parse_ts(&r.try_get::<String, _>("updated_at")?)?,
     })
@@ -160,7 +174,7 @@ impl Store {
 
     pub async fn insert_vm(&self, vm: &Vm) -> Result<()> {
         sqlx::query(
-            "INSERT INTO vms (id, image_id, user_id, state, vcpu_count, mem_mib, boot_args, user_data, enable_network, boot_count, restore_count, last_error, created_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            "INSERT INTO vms (id, image_id, user_id, state, vcpu_count, mem_mib, boot_args, user_data, enable_network, boot_count, restore_count, last_error, created_at, updated_at, idle_timeout_ms, idle_check_interval_ms, sleep_mode, last_activity_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
         )
         .bind(&vm.id)
         .bind(&vm.image_id)
@@ -176,10 +190,67 @@ impl Store {
         .bind(&vm.last_error)
         .bind(ts(&vm.created_at))
         .bind(ts(&vm.updated_at))
+        .bind(vm.idle_timeout.map(|d| d.as_millis() as i64))
+        .bind(vm.idle_check_interval.map(|d| d.as_millis() as i64))
+        .bind(vm.sleep_mode.as_str())
+        .bind(vm.last_activity_at.as_ref().map(ts))
         .execute(&self.pool)
         .await
         .map_err(map_conflict)?;
         Ok(())
+    }
+
+    /// Records when the VM was last active.
+    pub async fn set_last_activity(&self, id: &str, at: DateTime<Utc>) -> Result<()> {
+        sqlx::query("UPDATE vms SET last_activity_at = ? WHERE id = ?")
+            .bind(ts(&at))
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Appends an event to the VM's log, keeping the newest 200.
+    pub async fn add_event(
+        &self,
+        vm_id: &str,
+        kind: &str,
+        detail: &serde_json::Value,
+    ) -> Result<()> {
+        sqlx::query("INSERT INTO vm_events (vm_id, at, kind, detail) VALUES (?,?,?,?)")
+            .bind(vm_id)
+            .bind(ts(&Utc::now()))
+            .bind(kind)
+            .bind(detail.to_string())
+            .execute(&self.pool)
+            .await?;
+        sqlx::query(
+            "DELETE FROM vm_events WHERE vm_id = ? AND id NOT IN (SELECT id FROM vm_events WHERE vm_id = ? ORDER BY id DESC LIMIT 200)",
+        )
+        .bind(vm_id)
+        .bind(vm_id)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// The VM's events, newest first.
+    pub async fn list_events(&self, vm_id: &str) -> Result<Vec<VmEvent>> {
+        let rows =
+            sqlx::query("SELECT at, kind, detail FROM vm_events WHERE vm_id = ? ORDER BY id DESC")
+                .bind(vm_id)
+                .fetch_all(&self.pool)
+                .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(VmEvent {
+                    at: parse_ts(&r.try_get::<String, _>("at")?)?,
+                    kind: r.try_get("kind")?,
+                    detail: serde_json::from_str(&r.try_get::<String, _>("detail")?)
+                        .unwrap_or(serde_json::Value::Null),
+                })
+            })
+            .collect()
     }
 
     pub async fn get_vm(&self, id: &str) -> Result<Option<Vm>> {
@@ -268,6 +339,10 @@ impl Store {
             .execute(&mut *tx)
             .await?;
         sqlx::query("DELETE FROM snapshots WHERE vm_id = ?")
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("DELETE FROM vm_events WHERE vm_id = ?")
             .bind(id)
             .execute(&mut *tx)
             .await?;
