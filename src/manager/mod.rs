@@ -555,13 +555,9 @@ impl Manager {
         let vm = self.owned_vm(user, vm_id).await?;
         let vm = self.present(vm);
         match vm.state {
-            VmState::Stopped | VmState::Error | VmState::Starting => {}
-            VmState::Snapshotted => {
-                return Err(ManagerError::Conflict(
-                    "vm is snapshotted; use POST /vms/{id}/restore to resume it".into(),
-                ))
-            }
-            s => return Err(wrong_state("start", s, "stopped or error")),
+            // A snapshotted VM is resumed from its snapshot (its memory is kept).
+            VmState::Stopped | VmState::Error | VmState::Starting | VmState::Snapshotted => {}
+            s => return Err(wrong_state("start", s, "stopped, snapshotted or error")),
         }
         self.wake_and_wait(vm_id, WakeMode::Start).await?;
         self.get_vm(user, vm_id).await

@@ -485,8 +485,14 @@ async fn splice(
         }
         let _ = cw.shutdown().await;
     };
-    tokio::join!(client_to_guest, guest_to_client);
-    drop(activity);
+    // When the guest side ends, the tunnel ends (as Go's ReverseProxy does); when
+    // the client stops sending, the guest may still finish its answer.
+    tokio::pin!(client_to_guest, guest_to_client);
+    tokio::select! {
+        _ = &mut guest_to_client => {}
+        _ = &mut client_to_guest => guest_to_client.await,
+    }
+    // `activity` drops here, after both directions: the idle clock starts.
 }
 
 fn empty_body() -> ProxyBody {

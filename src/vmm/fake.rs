@@ -33,6 +33,8 @@ pub struct FakeBehaviour {
     /// Forward every guest port to this loopback server instead of the built-in
     /// one (tests of HTTP behaviour that does not depend on the guest).
     pub backend: Option<SocketAddr>,
+    /// How long writing a snapshot takes.
+    pub snapshot_delay: Duration,
 }
 
 #[derive(Default)]
@@ -248,6 +250,13 @@ impl Machine for FakeMachine {
 
     async fn snapshot(&self, path: &Path) -> Result<(), VmmError> {
         self.hv.snapshots.fetch_add(1, Ordering::SeqCst);
+        let delay = self
+            .hv
+            .behaviour
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .snapshot_delay;
+        tokio::time::sleep(delay).await;
         tokio::fs::write(path, self.vm_id.as_bytes()).await?;
         self.end("snapshotted");
         Ok(())

@@ -2,6 +2,7 @@
 //! dir and the fake hypervisor (unit-level tests of API, proxy and wake logic).
 #![allow(dead_code, clippy::unwrap_used)]
 
+pub mod backends;
 pub mod real;
 
 use std::collections::HashMap;
