@@ -341,3 +341,38 @@ async fn a_route_added_to_a_running_vm_is_forwarded_at_once() {
     let (s, body) = proxy_get(h.proxy, "porta.hatch.local").await;
     assert_eq!((s, body.as_str()), (200, "port-a\n"));
 }
+
+#[tokio::test]
+async fn idle_real_guests_sleep_and_the_next_request_wakes_them() {
+    let _g = QEMU_LOCK.lock().await;
+    let h = Hatchd::start(&[
+        ("HATCH_IDLE_TIMEOUT", "3s"),
+        ("HATCH_IDLE_CHECK_INTERVAL", "200ms"),
+    ])
+    .await;
+    let vm = vm_with_route(&h, "dozy", true, json!({})).await;
+    get_page(&h, "dozy.hatch.local", &vm).await;
+    // A VM without routes is covered too.
+    let (_, bare) = h.call("POST", "/vms", Some(json!({}))).await;
+    let bare = bare["id"].as_str().unwrap().to_string();
+    h.wait_state(&bare, "running", BOOT).await;
+    h.wait_state(&vm, "snapshotted", Duration::from_secs(30))
+        .await;
+    h.wait_state(&bare, "snapshotted", Duration::from_secs(30))
+        .await;
+    assert!(
+        children_of(h.pid()).is_empty(),
+        "sleeping guests use no process"
+    );
+    get_page(&h, "dozy.hatch.local", &vm).await;
+    let v = h.vm(&vm).await;
+    assert_eq!(
+        (v["state"].clone(), v["restore_count"].clone()),
+        (json!("running"), json!(1))
+    );
+    let (_, events) = h.call("GET", &format!("/vms/{vm}/events"), None).await;
+    assert_eq!(events[0]["kind"], "restore", "{events}");
+    assert_eq!(events[1]["kind"], "snapshot");
+    assert_eq!(events[1]["detail"]["trigger"], "idle");
+    assert!(h.log().contains("vm idle; putting it to sleep"));
+}
