@@ -17,5 +17,6 @@ pub mod daemon;
 pub mod manager;
 pub mod model;
 pub mod proxy;
+pub mod snapstore;
 pub mod store;
 pub mod vmm;
