@@ -51,6 +51,8 @@ pub struct Config {
     pub s3_bucket: Option<String>,
     pub s3_endpoint: Option<String>,
     pub s3_region: String,
+    pub s3_access_key: Option<String>,
+    pub s3_secret_key: Option<String>,
     /// Largest request body held while a VM wakes.
     pub proxy_max_wake_body: usize,
     /// Requests that may wait for one VM's wake at once (more get 503 + Retry-After).
@@ -153,6 +155,8 @@ pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<Config, Confi
         s3_bucket: raw("HATCH_S3_BUCKET"),
         s3_endpoint: raw("HATCH_S3_ENDPOINT"),
         s3_region: raw("HATCH_S3_REGION").unwrap_or_else(|| "us-east-1".into()),
+        s3_access_key: raw("HATCH_S3_ACCESS_KEY"),
+        s3_secret_key: raw("HATCH_S3_SECRET_KEY"),
         proxy_max_wake_body: num(
             raw("HATCH_PROXY_MAX_WAKE_BODY"),
             "HATCH_PROXY_MAX_WAKE_BODY",

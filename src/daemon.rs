@@ -17,6 +17,7 @@ use crate::config::{Accel, Config, DEFAULT_BOOT_ARGS};
 use crate::manager::{Manager, ManagerConfig};
 use crate::model::{Image, DEFAULT_IMAGE_ID};
 use crate::proxy::{Proxy, ProxyConfig};
+use crate::snapstore::{S3Config, SnapStore, SnapStoreConfig};
 use crate::store::Store;
 use crate::vmm::qemu::{AccelChoice, QemuConfig, QemuHypervisor};
 use crate::vmm::Hypervisor;
@@ -33,6 +34,8 @@ pub enum DaemonError {
     Listen(SocketAddr, std::io::Error),
     #[error("api key: {0}")]
     Key(String),
+    #[error("snapshot store: {0}")]
+    SnapStore(String),
 }
 
 /// A started daemon.
@@ -134,9 +137,22 @@ pub async fn start_with(mut cfg: Config, hv: Arc<dyn Hypervisor>) -> Result<Runn
         None => Store::open_dir(&cfg.data_dir).await?,
     };
     seed_default_image(&cfg, &store).await?;
+    let snaps = SnapStore::new(&SnapStoreConfig {
+        local_root: cfg.data_dir.join("snapshot-store"),
+        s3: cfg.s3_bucket.clone().map(|bucket| S3Config {
+            bucket,
+            endpoint: cfg.s3_endpoint.clone(),
+            region: cfg.s3_region.clone(),
+            access_key: cfg.s3_access_key.clone(),
+            secret_key: cfg.s3_secret_key.clone(),
+        }),
+    })
+    .map_err(|e| DaemonError::SnapStore(e.to_string()))?;
+    info!(store = %snaps.describe(), "snapshot store ready");
     let mgr = Manager::new(
         store,
         hv,
+        snaps,
         ManagerConfig {
             data_dir: cfg.data_dir.clone(),
             wake_timeout: cfg.proxy_wake_timeout,

@@ -184,7 +184,7 @@ async fn w5_a_lost_snapshot_gives_503_and_a_truthful_state() {
     let h = Hatchd::start(&[]).await;
     let vm = vm_with_route(&h, "lost", true, json!({})).await;
     let (_, snap) = h.call("POST", &format!("/vms/{vm}/snapshot"), None).await;
-    std::fs::remove_file(snap["state_key"].as_str().unwrap()).unwrap();
+    common::lose_snapshot(&h.data_dir(), &snap);
     let (s, body) = proxy_get(h.proxy, "lost.hatch.local").await;
     assert!(s == 502 || s == 503, "{s} {body}");
     let v = h.vm(&vm).await;

@@ -297,5 +297,7 @@ async fn last_activity_survives_a_restart_and_events_have_durations() {
     assert_eq!(kinds, ["snapshot", "boot"], "newest first: {events}");
     assert_eq!(events[0]["detail"]["trigger"], "shutdown");
     assert!(events[0]["detail"]["pause_write_ms"].is_u64());
-    assert!(events[1]["detail"]["hypervisor_ms"].is_u64());
+    assert!(events[0]["detail"]["upload_ms"].is_u64());
+    assert!(events[0]["detail"]["stored_bytes"].is_u64());
+    assert!(events[1]["detail"]["total_ms"].is_u64());
 }

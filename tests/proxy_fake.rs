@@ -183,7 +183,7 @@ async fn w5_failed_wake_is_503_and_state_tells_the_truth() {
     let vm = cold_vm(&d, "myapp", true).await;
     // The snapshot file is gone.
     let (_, snaps) = d.call("GET", &format!("/vms/{vm}/snapshots"), None).await;
-    std::fs::remove_file(snaps[0]["state_key"].as_str().unwrap()).unwrap();
+    common::lose_snapshot(&d.dir.path().join("data"), &snaps[0]);
     let (s, body) = d.get("myapp.hatch.local").await;
     assert!(s == 502 || s == 503, "{s} {body}");
     assert!(is_json_error(&body));

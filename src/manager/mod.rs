@@ -33,6 +33,7 @@ use crate::model::{
     new_id, random_alnum, validate_subdomain, Image, Route, SleepMode, Snapshot, Vm, VmEvent,
     VmState, DEFAULT_IMAGE_ID,
 };
+use crate::snapstore::{snapshot_key, SnapStore};
 use crate::store::{Store, StoreError};
 use crate::vmm::{BootSpec, Hypervisor, Machine};
 
@@ -254,6 +255,9 @@ impl VmRuntime {
 pub struct Manager {
     store: Store,
     hv: Arc<dyn Hypervisor>,
+    /// Where snapshots are kept (a local directory or an S3 bucket); the
+    /// newest raw snapshot of each VM is also cached under the data dir.
+    snaps: SnapStore,
     cfg: ManagerConfig,
     runtimes: Mutex<HashMap<String, Arc<VmRuntime>>>,
     routes: RouteIndex,
@@ -265,12 +269,14 @@ impl Manager {
     pub async fn new(
         store: Store,
         hv: Arc<dyn Hypervisor>,
+        snaps: SnapStore,
         cfg: ManagerConfig,
     ) -> Result<Arc<Manager>> {
         let routes = RouteIndex::load(&store.list_routes(None).await?);
         let mgr = Arc::new(Manager {
             store,
             hv,
+            snaps,
             cfg,
             runtimes: Mutex::new(HashMap::new()),
             routes,
@@ -318,6 +324,11 @@ impl Manager {
 
     fn work_dir(&self, vm_id: &str) -> PathBuf {
         self.cfg.data_dir.join("vms").join(vm_id)
+    }
+
+    /// The local copy of a raw snapshot (what QEMU reads and writes).
+    fn snapshot_cache(&self, vm_id: &str, snap_id: &str) -> PathBuf {
+        self.snapshot_dir(vm_id).join(format!("{snap_id}.vmstate"))
     }
 
     fn snapshot_dir(&self, vm_id: &str) -> PathBuf {
@@ -458,6 +469,13 @@ impl Manager {
         }
         self.routes.remove_vm(vm_id);
         self.store.delete_vm(vm_id).await?;
+        if let Err(e) = self
+            .snaps
+            .delete_prefix(&format!("snapshots/{vm_id}/"))
+            .await
+        {
+            warn!(vm_id, error = %e, "could not delete the vm's snapshots from the store");
+        }
         for dir in [self.snapshot_dir(vm_id), self.work_dir(vm_id)] {
             if let Err(e) = tokio::fs::remove_dir_all(&dir).await {
                 if e.kind() != std::io::ErrorKind::NotFound {
@@ -613,7 +631,7 @@ impl Manager {
         let closed = self.close_connections(&rt).await;
         let snap_id = new_id("snap");
         let dir = self.snapshot_dir(vm_id);
-        let path = dir.join(format!("{snap_id}.vmstate"));
+        let path = self.snapshot_cache(vm_id, &snap_id);
         let res = async {
             tokio::fs::create_dir_all(&dir).await?;
             machine
@@ -640,10 +658,25 @@ impl Manager {
             .await
             .map(|m| m.len())
             .unwrap_or(0);
+        // The raw file is complete (the driver renames it into place); the
+        // store gets a compressed copy, written atomically. Its row is written
+        // last, so a crash before that leaves no snapshot that looks complete.
+        let key = snapshot_key(vm_id, &snap_id);
+        let t_up = Instant::now();
+        let stored = self.snaps.upload(&key, &path).await;
+        let upload_ms = t_up.elapsed().as_millis() as u64;
+        let stored_bytes = match stored {
+            Ok(n) => Some(n),
+            Err(e) => {
+                // The local copy still restores this VM on this node.
+                warn!(vm_id, error = %e, store = %self.snaps.describe(), "snapshot upload failed; keeping the local copy only");
+                None
+            }
+        };
         let snap = Snapshot {
             id: snap_id,
             vm_id: vm_id.to_string(),
-            state_key: path.to_string_lossy().into_owned(),
+            state_key: key,
             size_bytes: size as i64,
             created_at: Utc::now(),
         };
@@ -659,6 +692,8 @@ impl Manager {
             size_bytes = size,
             closed_connections = closed,
             write_ms,
+            upload_ms,
+            stored_bytes,
             total_ms,
             "vm snapshotted"
         );
@@ -667,7 +702,8 @@ impl Manager {
             "snapshot",
             serde_json::json!({
                 "trigger": trigger.as_str(), "snapshot_id": snap.id, "size_bytes": size,
-                "closed_connections": closed, "pause_write_ms": write_ms, "total_ms": total_ms,
+                "closed_connections": closed, "pause_write_ms": write_ms, "upload_ms": upload_ms,
+                "stored_bytes": stored_bytes, "store": self.snaps.describe(), "total_ms": total_ms,
             }),
         )
         .await;
@@ -675,21 +711,29 @@ impl Manager {
         Ok(Some(snap))
     }
 
-    /// Keeps the newest `max_snapshots_per_vm` snapshots of a VM.
+    /// Keeps the newest `max_snapshots_per_vm` snapshots of a VM, and the raw
+    /// local copy of the newest only.
     async fn prune_snapshots(&self, vm_id: &str) {
         let Ok(snaps) = self.store.list_snapshots(vm_id).await else {
             return;
         };
-        for old in snaps
-            .iter()
-            .skip(self.cfg.max_snapshots_per_vm.max(1) as usize)
-        {
+        let keep = self.cfg.max_snapshots_per_vm.max(1) as usize;
+        for (i, old) in snaps.iter().enumerate().skip(1) {
+            let cache = self.snapshot_cache(vm_id, &old.id);
+            if let Err(e) = tokio::fs::remove_file(&cache).await {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    warn!(vm_id, snapshot_id = %old.id, error = %e, "could not remove a cached snapshot");
+                }
+            }
+            if i < keep {
+                continue;
+            }
             if let Err(e) = self.store.delete_snapshot(&old.id).await {
                 warn!(vm_id, snapshot_id = %old.id, error = %e, "could not prune snapshot row");
                 continue;
             }
-            if let Err(e) = tokio::fs::remove_file(&old.state_key).await {
-                warn!(vm_id, snapshot_id = %old.id, error = %e, "could not remove pruned snapshot file");
+            if let Err(e) = self.snaps.delete(&old.state_key).await {
+                warn!(vm_id, snapshot_id = %old.id, error = %e, "could not delete a pruned snapshot from the store");
             }
         }
     }
@@ -891,12 +935,24 @@ impl Manager {
         };
         let kind = if restore { "restore" } else { "boot" };
         let t0 = Instant::now();
+        let download_ms = std::sync::atomic::AtomicU64::new(0);
         let attempt = async {
             match &snapshot {
                 Some(s) => {
-                    self.hv
-                        .restore(&spec, std::path::Path::new(&s.state_key))
-                        .await
+                    let cache = self.snapshot_cache(vm_id, &s.id);
+                    if !tokio::fs::try_exists(&cache).await.unwrap_or(false) {
+                        // Not on this node (or pruned locally): fetch it.
+                        let t = Instant::now();
+                        self.snaps
+                            .download(&s.state_key, &cache)
+                            .await
+                            .map_err(|e| crate::vmm::VmmError::Snapshot {
+                                path: cache.clone(),
+                                reason: e.to_string(),
+                            })?;
+                        download_ms.store(t.elapsed().as_millis() as u64, Ordering::SeqCst);
+                    }
+                    self.hv.restore(&spec, &cache).await
                 }
                 None => self.hv.boot(&spec).await,
             }
@@ -916,7 +972,11 @@ impl Manager {
                 self.event(
                     vm_id,
                     kind,
-                    serde_json::json!({"mode": mode.as_str(), "hypervisor_ms": t0.elapsed().as_millis() as u64}),
+                    serde_json::json!({
+                        "mode": mode.as_str(),
+                        "download_ms": download_ms.load(Ordering::SeqCst),
+                        "total_ms": t0.elapsed().as_millis() as u64,
+                    }),
                 )
                 .await;
                 info!(

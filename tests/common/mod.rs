@@ -153,6 +153,22 @@ impl FakeDaemon {
     }
 }
 
+/// Loses a snapshot for good: its local copy and its object in the default
+/// (local directory) snapshot store.
+pub fn lose_snapshot(data_dir: &std::path::Path, snapshot: &Value) {
+    let vm = snapshot["vm_id"].as_str().unwrap();
+    let id = snapshot["id"].as_str().unwrap();
+    let key = snapshot["state_key"].as_str().unwrap();
+    std::fs::remove_file(
+        data_dir
+            .join("snapshots")
+            .join(vm)
+            .join(format!("{id}.vmstate")),
+    )
+    .unwrap();
+    std::fs::remove_file(data_dir.join("snapshot-store").join(key)).unwrap();
+}
+
 /// An authenticated API call; the body is parsed as JSON when it is JSON.
 pub async fn api_call(
     http: &reqwest::Client,
