@@ -943,6 +943,7 @@ impl Manager {
                     if !tokio::fs::try_exists(&cache).await.unwrap_or(false) {
                         // Not on this node (or pruned locally): fetch it.
                         let t = Instant::now();
+                        tokio::fs::create_dir_all(self.snapshot_dir(vm_id)).await?;
                         self.snaps
                             .download(&s.state_key, &cache)
                             .await

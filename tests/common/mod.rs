@@ -3,6 +3,7 @@
 #![allow(dead_code, clippy::unwrap_used)]
 
 pub mod backends;
+pub mod moto;
 pub mod real;
 
 use std::collections::HashMap;

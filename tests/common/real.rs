@@ -123,10 +123,10 @@ impl Hatchd {
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        self.key = std::fs::read_to_string(data.join("admin.key"))
-            .unwrap()
-            .trim()
-            .to_string();
+        // A node sharing another's database has no key file of its own.
+        if let Ok(k) = std::fs::read_to_string(data.join("admin.key")) {
+            self.key = k.trim().to_string();
+        }
     }
 
     /// SIGTERM (graceful) or SIGKILL, then start again on the same data dir.
