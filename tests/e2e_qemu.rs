@@ -376,3 +376,62 @@ async fn idle_real_guests_sleep_and_the_next_request_wakes_them() {
     assert_eq!(events[1]["detail"]["trigger"], "idle");
     assert!(h.log().contains("vm idle; putting it to sleep"));
 }
+
+#[tokio::test]
+async fn sigkill_in_the_middle_of_a_snapshot_leaves_a_usable_vm() {
+    let _g = QEMU_LOCK.lock().await;
+    let mut h = Hatchd::start(&[]).await;
+    let vm = vm_with_route(&h, "hardy", true, json!({})).await;
+    get_page(&h, "hardy.hatch.local", &vm).await;
+    // Kill hatchd at different points of a snapshot: while QEMU writes it,
+    // between the file and its record, and after.
+    for delay_ms in [30u64, 150, 400, 800, 1500] {
+        let snap = {
+            let http = h.http.clone();
+            let url = format!("{}/vms/{vm}/snapshot", h.api);
+            let key = h.key.clone();
+            tokio::spawn(async move {
+                let _ = http.post(url).bearer_auth(key).send().await;
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+        h.restart(true).await;
+        let _ = snap.await;
+        let v = h.vm(&vm).await;
+        let state = v["state"].as_str().unwrap().to_string();
+        assert!(
+            state == "running" || state == "snapshotted",
+            "killed after {delay_ms} ms: state {state}, log:\n{}",
+            h.log()
+        );
+        // Either way the route answers, and the VM is running afterwards.
+        get_page(&h, "hardy.hatch.local", &vm).await;
+        assert_eq!(h.vm(&vm).await["state"], "running");
+        assert_eq!(
+            children_of(h.pid()).len() + adopted_guests(&h),
+            1,
+            "exactly one guest process"
+        );
+        eprintln!("killed after {delay_ms} ms → {state}");
+    }
+}
+
+/// Guests of this data dir that are not hatchd's children (taken over after a
+/// restart: their parent is gone).
+fn adopted_guests(h: &Hatchd) -> usize {
+    let mut n = 0;
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        let cmd = String::from_utf8_lossy(&cmd);
+        if cmd.contains("qemu-system")
+            && cmd.contains(&*h.data_dir().to_string_lossy())
+            && !children_of(h.pid()).contains(&pid)
+        {
+            n += 1;
+        }
+    }
+    n
+}

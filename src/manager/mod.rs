@@ -293,33 +293,149 @@ impl Manager {
         &self.cfg
     }
 
-    /// No VM process survives a hatchd restart as far as we know: a VM recorded
-    /// as running lost its memory, so it is stopped (a cold boot wakes it); a
-    /// leftover hypervisor process is ended. Snapshotted VMs stay snapshotted.
-    async fn reconcile(&self) -> Result<()> {
+    /// Brings the store in line with reality after a start. A VM recorded as
+    /// running (or mid-operation) whose hypervisor process outlived the previous
+    /// hatchd is taken over with its memory; one that was being snapshotted when
+    /// hatchd died is resumed, or, when its snapshot file was complete, recorded
+    /// as snapshotted; otherwise its memory is gone and it is marked stopped (the
+    /// next request boots it). Snapshotted and stopped VMs stay as they are.
+    async fn reconcile(self: &Arc<Self>) -> Result<()> {
         for vm in self.store.list_vms(None).await? {
-            if matches!(
+            if !matches!(
                 vm.state,
                 VmState::Running | VmState::Starting | VmState::Stopping
             ) {
-                let killed = self.hv.reap_leftover(&self.work_dir(&vm.id));
-                warn!(
-                    vm_id = %vm.id,
-                    previous_state = %vm.state,
-                    killed_leftover_process = killed,
-                    "vm was {} when hatchd last stopped; its memory is lost (a leftover process is ended), marking it stopped (the next request boots it)",
-                    vm.state
-                );
-                self.store
-                    .set_vm_state(
-                        &vm.id,
-                        VmState::Stopped,
-                        Some("hatchd restarted while the vm was running"),
-                    )
-                    .await?;
+                continue;
             }
+            let adopted = match self.boot_spec(&vm).await {
+                Ok(spec) => self.hv.adopt(&spec).await,
+                Err(e) => {
+                    warn!(vm_id = %vm.id, error = %e, "cannot describe the vm to take it over");
+                    None
+                }
+            };
+            if let Some(machine) = adopted {
+                let rt = self.runtime(&vm.id);
+                let machine: Arc<dyn Machine> = Arc::from(machine);
+                let generation = {
+                    let mut inner = rt.lock();
+                    inner.generation += 1;
+                    inner.machine = Some(machine.clone());
+                    inner.generation
+                };
+                rt.activity.touch();
+                self.store
+                    .set_vm_state(&vm.id, VmState::Running, None)
+                    .await?;
+                self.watch_exit(&vm.id, rt, machine, generation);
+                info!(vm_id = %vm.id, "vm kept running across the hatchd restart (process taken over)");
+                self.event(
+                    &vm.id,
+                    "adopt",
+                    serde_json::json!({"previous_state": vm.state.as_str()}),
+                )
+                .await;
+                self.orphan_snapshots(&vm, false).await;
+                continue;
+            }
+            let killed = self.hv.reap_leftover(&self.work_dir(&vm.id));
+            if self.orphan_snapshots(&vm, true).await {
+                continue;
+            }
+            warn!(
+                vm_id = %vm.id,
+                previous_state = %vm.state,
+                killed_leftover_process = killed,
+                "vm was {} when hatchd last stopped and its memory is lost; marking it stopped (the next request boots it)",
+                vm.state
+            );
+            self.store
+                .set_vm_state(
+                    &vm.id,
+                    VmState::Stopped,
+                    Some("hatchd restarted while the vm was running"),
+                )
+                .await?;
         }
         Ok(())
+    }
+
+    /// Raw snapshot files of a VM with no row: written completely (the driver
+    /// renames them into place) by a snapshot that hatchd died before
+    /// recording. With `register`, the newest one written during the VM's current
+    /// run is stored and recorded and the VM marked snapshotted (true); the rest
+    /// are removed.
+    async fn orphan_snapshots(&self, vm: &Vm, register: bool) -> bool {
+        let known: std::collections::HashSet<String> = match self.store.list_snapshots(&vm.id).await
+        {
+            Ok(s) => s.into_iter().map(|s| s.id).collect(),
+            Err(_) => return false,
+        };
+        let Ok(mut dir) = tokio::fs::read_dir(self.snapshot_dir(&vm.id)).await else {
+            return false;
+        };
+        let mut orphans = Vec::new();
+        while let Ok(Some(e)) = dir.next_entry().await {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let Some(id) = name.strip_suffix(".vmstate") else {
+                // Temporary files of an interrupted write.
+                let _ = tokio::fs::remove_file(e.path()).await;
+                continue;
+            };
+            if known.contains(id) {
+                continue;
+            }
+            let modified = e.metadata().await.ok().and_then(|m| m.modified().ok());
+            orphans.push((modified, id.to_string(), e.path()));
+        }
+        orphans.sort();
+        let newest = orphans.pop();
+        for (_, _, path) in orphans {
+            let _ = tokio::fs::remove_file(path).await;
+        }
+        let Some((modified, snap_id, path)) = newest else {
+            return false;
+        };
+        let current_run =
+            modified.is_some_and(|m| chrono::DateTime::<Utc>::from(m) >= vm.updated_at);
+        if !register || !current_run {
+            let _ = tokio::fs::remove_file(path).await;
+            return false;
+        }
+        let key = snapshot_key(&vm.id, &snap_id);
+        if let Err(e) = self.snaps.upload(&key, &path).await {
+            warn!(vm_id = %vm.id, error = %e, "could not store a recovered snapshot; keeping the local copy only");
+        }
+        let size = tokio::fs::metadata(&path)
+            .await
+            .map(|m| m.len())
+            .unwrap_or(0);
+        let snap = Snapshot {
+            id: snap_id,
+            vm_id: vm.id.clone(),
+            state_key: key,
+            size_bytes: size as i64,
+            created_at: modified
+                .map(chrono::DateTime::<Utc>::from)
+                .unwrap_or_else(Utc::now),
+        };
+        if self.store.insert_snapshot(&snap).await.is_err()
+            || self
+                .store
+                .set_vm_state(&vm.id, VmState::Snapshotted, None)
+                .await
+                .is_err()
+        {
+            return false;
+        }
+        info!(vm_id = %vm.id, snapshot_id = %snap.id, "recovered the snapshot hatchd was writing when it stopped; vm is snapshotted");
+        self.event(
+            &vm.id,
+            "snapshot",
+            serde_json::json!({"trigger": "recovered", "snapshot_id": snap.id, "size_bytes": size}),
+        )
+        .await;
+        true
     }
 
     fn work_dir(&self, vm_id: &str) -> PathBuf {

@@ -74,6 +74,13 @@ pub trait Hypervisor: Send + Sync + 'static {
     async fn restore(&self, spec: &BootSpec, snapshot: &Path)
         -> Result<Box<dyn Machine>, VmmError>;
 
+    /// Takes over a VM whose hypervisor process outlived a previous hatchd (a
+    /// crash): the guest keeps its memory. An interrupted snapshot is cancelled
+    /// and a paused guest resumed. `None` when there is nothing to take over.
+    async fn adopt(&self, _spec: &BootSpec) -> Option<Box<dyn Machine>> {
+        None
+    }
+
     /// Ends a hypervisor process that a previous hatchd left running for the VM
     /// whose work dir this is. True when one was ended.
     fn reap_leftover(&self, _work_dir: &Path) -> bool {

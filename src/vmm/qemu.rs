@@ -418,6 +418,74 @@ impl QemuHypervisor {
     }
 }
 
+/// The pid of a live QEMU that runs the VM of this work dir, from its pid file.
+/// Only a process whose command line names the work dir counts (pids are reused).
+fn leftover_pid(work_dir: &Path) -> Option<i32> {
+    let pid: i32 = std::fs::read_to_string(work_dir.join(PID_FILE))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    let cmdline = String::from_utf8_lossy(&cmdline);
+    (pid > 1 && cmdline.contains(work_dir.to_string_lossy().as_ref())).then_some(pid)
+}
+
+fn pid_alive(pid: i32) -> bool {
+    // A zombie counts as gone.
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => !stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
+        Err(_) => false,
+    }
+}
+
+/// Exit watch for a QEMU that is not our child (taken over after a restart):
+/// poll for its end, kill it on request.
+async fn watch_adopted(
+    pid: i32,
+    mut kill_rx: oneshot::Receiver<()>,
+    exit_tx: watch::Sender<Option<ExitInfo>>,
+    vm_id: String,
+) {
+    let mut killing = false;
+    loop {
+        if !pid_alive(pid) {
+            break;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+            res = &mut kill_rx, if !killing => {
+                killing = true;
+                if res.is_ok() {
+                    super::kill_pid(pid);
+                }
+            }
+        }
+    }
+    tracing::debug!(%vm_id, pid, "taken-over qemu process ended");
+    let _ = exit_tx.send(Some(ExitInfo {
+        description: "qemu (taken over after a restart) ended".into(),
+    }));
+}
+
+/// After `migrate_cancel`, wait until no migration is active (bounded).
+async fn machine_wait_migration_end(qmp: &mut Qmp) -> Result<(), VmmError> {
+    for _ in 0..100 {
+        let info = qmp.execute("query-migrate", None).await?;
+        match info["status"].as_str() {
+            Some("active")
+            | Some("setup")
+            | Some("cancelling")
+            | Some("pre-switchover")
+            | Some("device") => tokio::time::sleep(Duration::from_millis(20)).await,
+            _ => return Ok(()),
+        }
+    }
+    Ok(())
+}
+
 /// Quote a path for a QEMU option value (commas are doubled).
 fn escape_opt(p: &Path) -> String {
     p.display().to_string().replace(',', ",,")
@@ -719,20 +787,56 @@ fn loopback(port: u16) -> SocketAddr {
 
 #[async_trait]
 impl Hypervisor for QemuHypervisor {
-    fn reap_leftover(&self, work_dir: &Path) -> bool {
-        let Ok(text) = std::fs::read_to_string(work_dir.join(PID_FILE)) else {
-            return false;
+    async fn adopt(&self, spec: &BootSpec) -> Option<Box<dyn Machine>> {
+        let wd = std::path::absolute(&spec.work_dir).ok()?;
+        let pid = leftover_pid(&wd)?;
+        let (exit_tx, exit_rx) = watch::channel(None);
+        let (kill_tx, kill_rx) = oneshot::channel::<()>();
+        tokio::spawn(watch_adopted(pid, kill_rx, exit_tx, spec.vm_id.clone()));
+        let machine = QemuMachine {
+            vm_id: spec.vm_id.clone(),
+            work_dir: wd,
+            pid: Some(pid as u32),
+            ports: Mutex::new(HashMap::new()),
+            op: tokio::sync::Mutex::new(()),
+            exit_rx,
+            kill_tx: Mutex::new(Some(kill_tx)),
         };
-        let Ok(pid) = text.trim().parse::<i32>() else {
-            return false;
-        };
-        // Only a process that is really ours: a QEMU whose command line names
-        // this work dir (pids are reused).
-        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-        let cmdline = String::from_utf8_lossy(&cmdline);
-        if pid <= 1 || !cmdline.contains(work_dir.to_string_lossy().as_ref()) {
-            return false;
+        let resumed = async {
+            let mut qmp = machine.qmp().await?;
+            let status = qmp.execute("query-status", None).await?;
+            let status = status["status"].as_str().unwrap_or("").to_string();
+            if status != "running" {
+                // A snapshot was being written when hatchd died: give it up and
+                // let the guest go on (its memory is intact).
+                let _ = qmp.execute("migrate_cancel", None).await;
+                let _ = machine_wait_migration_end(&mut qmp).await;
+                qmp.execute("cont", None).await?;
+            }
+            machine.refresh_ports(&mut qmp).await?;
+            Ok::<String, VmmError>(status)
         }
+        .await;
+        match resumed {
+            Ok(status) => {
+                tracing::info!(vm_id = %spec.vm_id, pid, previous_status = %status, "qemu guest taken over after a hatchd restart");
+                Some(Box::new(machine))
+            }
+            Err(e) => {
+                tracing::warn!(vm_id = %spec.vm_id, pid, error = %e, "could not take over a leftover qemu; ending it");
+                machine.kill_and_wait().await;
+                None
+            }
+        }
+    }
+
+    fn reap_leftover(&self, work_dir: &Path) -> bool {
+        let Some(pid) = std::path::absolute(work_dir)
+            .ok()
+            .and_then(|wd| leftover_pid(&wd))
+        else {
+            return false;
+        };
         let killed = super::kill_pid(pid);
         let _ = std::fs::remove_file(work_dir.join(PID_FILE));
         killed
