@@ -256,8 +256,22 @@ async fn restarts_keep_every_vm_and_route_reachable() {
     get_page(&h, "alpha.hatch.local", &a).await;
     get_page(&h, "beta.hatch.local", &b).await;
 
-    // Hard kill: the guests' processes are reconciled at the next start.
+    // Hard kill: the guests outlive hatchd and are taken over, memory and all.
+    let before = h.vm(&a).await;
     h.restart(true).await;
+    let v = h.vm(&a).await;
+    assert_eq!(v["state"], "running", "{v}");
+    assert_eq!(v["boot_count"], before["boot_count"], "no cold boot");
+    assert_eq!(v["restore_count"], before["restore_count"], "no restore");
+    get_page(&h, "alpha.hatch.local", &a).await;
+    get_page(&h, "beta.hatch.local", &b).await;
+    let (_, events) = h.call("GET", &format!("/vms/{a}/events"), None).await;
+    assert_eq!(events[0]["kind"], "adopt", "{events}");
+
+    // Hard kill with the guests gone too: marked stopped, the next request boots.
+    h.stop(true);
+    common::real::kill_guests(&h.data_dir());
+    h.restart(false).await;
     let v = h.vm(&a).await;
     assert_eq!(v["state"], "stopped", "{v}");
     get_page(&h, "alpha.hatch.local", &a).await;
