@@ -89,6 +89,19 @@ async fn i1_a_long_streaming_response_keeps_the_vm_awake_until_its_last_byte() {
     let (_, events) = d.call("GET", &format!("/vms/{vm}/events"), None).await;
     assert_eq!(events[0]["kind"], "snapshot");
     assert_eq!(events[0]["detail"]["trigger"], "idle");
+    // The next request wakes it; the wake and its first byte are recorded.
+    let (s, _) = d.get("myapp.hatch.local").await;
+    assert_eq!(s, 200);
+    let (_, events) = d.call("GET", &format!("/vms/{vm}/events"), None).await;
+    let kinds: Vec<&str> = events
+        .as_array()
+        .unwrap()
+        .iter()
+        .take(3)
+        .map(|e| e["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(kinds, ["first_byte", "restore", "snapshot"], "{events}");
+    assert!(events[0]["detail"]["first_byte_ms"].is_u64());
 }
 
 #[tokio::test]

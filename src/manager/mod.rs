@@ -97,40 +97,28 @@ pub struct ManagerConfig {
 
 /// Body of `POST /vms` (unknown fields are refused by the API layer).
 #[derive(Debug, Default, Clone, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct CreateVm {
-    #[serde(default)]
     pub image_id: Option<String>,
-    #[serde(default)]
     pub vcpu_count: Option<i64>,
-    #[serde(default)]
     pub mem_mib: Option<i64>,
-    #[serde(default)]
     pub boot_args: Option<String>,
-    #[serde(default)]
     pub enable_network: Option<bool>,
-    #[serde(default)]
     pub user_data: Option<String>,
     /// Go duration (`10m`); default `HATCH_IDLE_TIMEOUT`.
-    #[serde(default)]
     pub idle_timeout: Option<String>,
     /// Go duration; default `HATCH_IDLE_CHECK_INTERVAL`.
-    #[serde(default)]
     pub idle_check_interval: Option<String>,
     /// `snapshot` (default) or `stop`.
-    #[serde(default)]
     pub sleep_mode: Option<SleepMode>,
 }
 
 /// Body of `POST /vms/{id}/routes`.
 #[derive(Debug, Default, Clone, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct CreateRoute {
-    #[serde(default)]
     pub subdomain: Option<String>,
-    #[serde(default)]
     pub target_port: Option<i64>,
-    #[serde(default)]
     pub auto_wake: Option<bool>,
 }
 
@@ -235,6 +223,8 @@ struct VmRuntime {
     waiters: AtomicUsize,
     /// Requests, streams and connections in flight; the idle clock.
     activity: Arc<Activity>,
+    /// Set by a wake; the first response after it records its latency.
+    first_byte_pending: std::sync::atomic::AtomicBool,
 }
 
 impl VmRuntime {
@@ -1085,6 +1075,7 @@ impl Manager {
                 };
                 self.store.record_wake(vm_id, restore).await?;
                 rt.activity.touch();
+                rt.first_byte_pending.store(true, Ordering::SeqCst);
                 self.watch_exit(vm_id, rt.clone(), machine, generation);
                 self.event(
                     vm_id,
@@ -1278,6 +1269,23 @@ impl Manager {
     /// its response's last byte, an upgraded connection until it closes).
     pub fn activity_guard(&self, vm_id: &str) -> ActivityGuard {
         ActivityGuard::new(self.runtime(vm_id).activity.clone())
+    }
+
+    /// The proxy answered a request that waited for a wake, `ms` after it
+    /// arrived: the first such answer after each wake is recorded as an event.
+    pub async fn first_byte_after_wake(&self, vm_id: &str, ms: u64) {
+        if self
+            .runtime(vm_id)
+            .first_byte_pending
+            .swap(false, Ordering::SeqCst)
+        {
+            self.event(
+                vm_id,
+                "first_byte",
+                serde_json::json!({"first_byte_ms": ms}),
+            )
+            .await;
+        }
     }
 
     /// An API operation on the VM counts as activity.

@@ -190,11 +190,9 @@ impl Proxy {
                     }
                 }
                 if upstream.woke {
-                    info!(
-                        vm_id = %target.vm_id,
-                        first_byte_ms = started.elapsed().as_millis() as u64,
-                        "request answered after wake"
-                    );
+                    let ms = started.elapsed().as_millis() as u64;
+                    info!(vm_id = %target.vm_id, first_byte_ms = ms, "request answered after wake");
+                    self.mgr.first_byte_after_wake(&target.vm_id, ms).await;
                 }
                 response_filter(resp, activity)
             }
