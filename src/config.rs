@@ -59,6 +59,10 @@ pub struct Config {
     pub proxy_max_wake_waiters: usize,
     /// Peers whose `X-Forwarded-*` headers are kept; empty = all peers.
     pub proxy_trusted_proxies: Vec<ipnet::IpNet>,
+    /// A request head must be complete this long after its first byte.
+    pub proxy_header_timeout: Duration,
+    /// Idle keep-alive client connections are closed after this long.
+    pub proxy_idle_timeout: Duration,
 }
 
 pub const DEFAULT_BOOT_ARGS: &str = "console=ttyS0 reboot=k panic=1 quiet";
@@ -171,6 +175,8 @@ pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<Config, Confi
             None => Vec::new(),
             Some(v) => parse_nets(&v).map_err(|r| err("HATCH_PROXY_TRUSTED_PROXIES", &v, r))?,
         },
+        proxy_header_timeout: dur("HATCH_PROXY_HEADER_TIMEOUT", "5s")?,
+        proxy_idle_timeout: dur("HATCH_PROXY_IDLE_TIMEOUT", "75s")?,
     };
     if cfg.ssh_port_min == 0 || cfg.ssh_port_min > cfg.ssh_port_max {
         return Err(err(

@@ -4,7 +4,6 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
 
 use chrono::Utc;
 use tokio::net::TcpListener;
@@ -210,7 +209,8 @@ pub async fn start_with(mut cfg: Config, hv: Arc<dyn Hypervisor>) -> Result<Runn
             base_domain: cfg.proxy_base_domain.clone(),
             wake_timeout: cfg.proxy_wake_timeout,
             max_wake_body: cfg.proxy_max_wake_body,
-            header_read_timeout: Duration::from_secs(5),
+            header_read_timeout: cfg.proxy_header_timeout,
+            idle_timeout: cfg.proxy_idle_timeout,
             trusted_proxies: cfg.proxy_trusted_proxies.clone(),
         },
     );

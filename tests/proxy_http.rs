@@ -133,12 +133,12 @@ async fn incoming_forwarding_headers_are_dropped_from_untrusted_peers() {
 #[tokio::test]
 async fn p2_hop_by_hop_headers_do_not_reach_the_guest() {
     let (backend, _) = echo_head_backend().await;
-    let (d, _) = daemon_with_backend(&[], backend).await;
+    let (d, _) = daemon_with_backend(&[("HATCH_PROXY_IDLE_TIMEOUT", "1s")], backend).await;
     let (s, body) = raw(
         d.proxy,
         "GET / HTTP/1.1\r\nHost: myapp.hatch.local\r\nConnection: keep-alive, X-Hop\r\nX-Hop: 1\r\nKeep-Alive: timeout=5\r\nProxy-Connection: keep-alive\r\nX-Kept: yes\r\n\r\n",
     )
-    .await; // keep-alive was asked for: the proxy closes the idle connection
+    .await; // keep-alive was asked for: the proxy closes it when idle (1 s)
     assert_eq!(s, 200, "{body}");
     for h in ["x-hop", "keep-alive", "proxy-connection"] {
         assert!(
@@ -384,20 +384,41 @@ async fn framing_attacks_are_refused_and_reach_no_guest() {
 #[tokio::test]
 async fn slow_and_idle_clients_are_cut_off() {
     let (backend, _) = echo_head_backend().await;
-    let (d, _) = daemon_with_backend(&[], backend).await;
-    // Half a request head, then nothing.
+    let (d, _) = daemon_with_backend(
+        &[
+            ("HATCH_PROXY_HEADER_TIMEOUT", "2s"),
+            ("HATCH_PROXY_IDLE_TIMEOUT", "4s"),
+        ],
+        backend,
+    )
+    .await;
+    // Half a request head, then nothing: cut by the head timeout (2 s), not
+    // left for the idle timeout (4 s).
     let mut s = TcpStream::connect(d.proxy).await.unwrap();
     s.write_all(b"GET / HTTP/1.1\r\nHost: myapp").await.unwrap();
+    let t0 = Instant::now();
     let mut out = Vec::new();
     let r = tokio::time::timeout(Duration::from_secs(15), s.read_to_end(&mut out)).await;
     assert!(r.is_ok(), "a slow client held the connection");
-    // An idle keep-alive connection after one request.
+    assert!(
+        t0.elapsed() < Duration::from_millis(3800),
+        "cut after {:?}",
+        t0.elapsed()
+    );
+    // An idle keep-alive connection after one request: kept past the head
+    // timeout, closed at the idle timeout.
     let mut s = TcpStream::connect(d.proxy).await.unwrap();
     s.write_all(b"GET / HTTP/1.1\r\nHost: myapp.hatch.local\r\n\r\n")
         .await
         .unwrap();
+    let t0 = Instant::now();
     let r = tokio::time::timeout(Duration::from_secs(15), s.read_to_end(&mut out)).await;
     assert!(r.is_ok(), "an idle keep-alive connection was never closed");
+    assert!(
+        t0.elapsed() > Duration::from_millis(3000),
+        "closed after {:?}",
+        t0.elapsed()
+    );
     assert!(String::from_utf8_lossy(&out).contains("200 OK"));
 }
 

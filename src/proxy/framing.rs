@@ -10,9 +10,12 @@
 //! [`FRAMING_ERROR_HEADER`], which the proxy answers with 400 and
 //! `Connection: close`; nothing after it is read.
 
+use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
+
+use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
@@ -54,9 +57,22 @@ pub struct FramingGuard<S> {
     /// end of stream instead would make hyper drop the connection unanswered.)
     stall_after_out: bool,
     first_bytes: bool,
+    /// Time allowed for a request head once its first byte arrived.
+    head_timeout: Option<Duration>,
+    head_deadline: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl<S> FramingGuard<S> {
+    /// `head_timeout`: a request head must be complete this long after its first
+    /// byte (slow clients), independently of how long a keep-alive connection
+    /// may sit idle between requests.
+    pub fn with_head_timeout(inner: S, head_timeout: Duration) -> Self {
+        FramingGuard {
+            head_timeout: Some(head_timeout),
+            ..FramingGuard::new(inner)
+        }
+    }
+
     pub fn new(inner: S) -> Self {
         FramingGuard {
             inner,
@@ -67,6 +83,8 @@ impl<S> FramingGuard<S> {
             eof_after_out: false,
             stall_after_out: false,
             first_bytes: true,
+            head_timeout: None,
+            head_deadline: None,
         }
     }
 
@@ -258,7 +276,25 @@ impl<S: AsyncRead + Unpin> AsyncRead for FramingGuard<S> {
             let mut tmp = [0u8; 16 * 1024];
             let mut rb = ReadBuf::new(&mut tmp);
             match Pin::new(&mut this.inner).poll_read(cx, &mut rb) {
-                Poll::Pending => return Poll::Pending,
+                Poll::Pending => {
+                    // A head has started and is not complete: it has a deadline.
+                    let in_head = this.state == State::Head && !this.held.is_empty();
+                    match (in_head, this.head_timeout) {
+                        (true, Some(t)) => {
+                            let deadline = this
+                                .head_deadline
+                                .get_or_insert_with(|| Box::pin(tokio::time::sleep(t)));
+                            if deadline.as_mut().poll(cx).is_ready() {
+                                return Poll::Ready(Err(io::Error::new(
+                                    io::ErrorKind::TimedOut,
+                                    "request head not complete in time",
+                                )));
+                            }
+                        }
+                        _ => this.head_deadline = None,
+                    }
+                    return Poll::Pending;
+                }
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                 Poll::Ready(Ok(())) => {
                     let filled = rb.filled();

@@ -45,6 +45,8 @@ pub struct ProxyConfig {
     /// Time allowed for a request's head to arrive. hyper starts this clock when
     /// it waits for a request, so it also closes idle keep-alive connections.
     pub header_read_timeout: Duration,
+    /// Idle keep-alive connections (no request under way) are closed after this.
+    pub idle_timeout: Duration,
     /// Peers whose incoming `X-Forwarded-*` headers are kept; empty = every peer.
     pub trusted_proxies: Vec<ipnet::IpNet>,
 }
@@ -75,8 +77,11 @@ impl Proxy {
         mut shutdown: watch::Receiver<bool>,
     ) {
         let mut h1 = hyper::server::conn::http1::Builder::new();
+        // hyper's clock runs from when it waits for a request: the keep-alive
+        // idle limit. The head itself must then arrive within
+        // `header_read_timeout` of its first byte (the framing guard's clock).
         h1.timer(TokioTimer::new())
-            .header_read_timeout(self.cfg.header_read_timeout)
+            .header_read_timeout(self.cfg.idle_timeout)
             .max_buf_size(MAX_HEAD_BUF);
         let h1 = Arc::new(h1);
         let mut h2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
@@ -113,7 +118,10 @@ impl Proxy {
                 let res = if is_h2 {
                     h2.serve_connection(TokioIo::new(stream), svc).await
                 } else {
-                    let io = TokioIo::new(framing::FramingGuard::new(stream));
+                    let io = TokioIo::new(framing::FramingGuard::with_head_timeout(
+                        stream,
+                        header_timeout,
+                    ));
                     h1.serve_connection(io, svc).with_upgrades().await
                 };
                 if let Err(e) = res {
