@@ -63,6 +63,9 @@ pub struct Config {
     pub proxy_header_timeout: Duration,
     /// Idle keep-alive client connections are closed after this long.
     pub proxy_idle_timeout: Duration,
+    /// Proxy worker threads (each with its own event loop and guest connection
+    /// pool); 0 = one per CPU.
+    pub proxy_workers: usize,
 }
 
 pub const DEFAULT_BOOT_ARGS: &str = "console=ttyS0 reboot=k panic=1 quiet";
@@ -177,7 +180,15 @@ pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<Config, Confi
         },
         proxy_header_timeout: dur("HATCH_PROXY_HEADER_TIMEOUT", "5s")?,
         proxy_idle_timeout: dur("HATCH_PROXY_IDLE_TIMEOUT", "75s")?,
+        proxy_workers: num(raw("HATCH_PROXY_WORKERS"), "HATCH_PROXY_WORKERS", 0)?,
     };
+    if cfg.proxy_workers > 1024 {
+        return Err(err(
+            "HATCH_PROXY_WORKERS",
+            &cfg.proxy_workers.to_string(),
+            "at most 1024 proxy worker threads (0 = one per CPU)".into(),
+        ));
+    }
     if cfg.ssh_port_min == 0 || cfg.ssh_port_min > cfg.ssh_port_max {
         return Err(err(
             "HATCH_SSH_PORT_MIN",

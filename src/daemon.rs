@@ -212,6 +212,7 @@ pub async fn start_with(mut cfg: Config, hv: Arc<dyn Hypervisor>) -> Result<Runn
             header_read_timeout: cfg.proxy_header_timeout,
             idle_timeout: cfg.proxy_idle_timeout,
             trusted_proxies: cfg.proxy_trusted_proxies.clone(),
+            workers: cfg.proxy_workers,
         },
     );
     let reaper_task = mgr.spawn_reaper(shutdown_rx.clone());

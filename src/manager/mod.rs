@@ -204,6 +204,16 @@ impl WakeMode {
 
 type WakeResult = std::result::Result<(), ManagerError>;
 
+/// A wake in progress, as its waiters see it.
+#[derive(Clone, Debug)]
+enum WakeStatus {
+    Pending,
+    /// The machine runs; the store and events are being updated. The proxy
+    /// forwards from here, API calls wait for `Done`.
+    Up,
+    Done(WakeResult),
+}
+
 #[derive(Default)]
 struct Inner {
     machine: Option<Arc<dyn Machine>>,
@@ -212,7 +222,7 @@ struct Inner {
     generation: u64,
     /// `starting` / `stopping` while an operation runs.
     transient: Option<VmState>,
-    wake: Option<watch::Receiver<Option<WakeResult>>>,
+    wake: Option<watch::Receiver<WakeStatus>>,
 }
 
 #[derive(Default)]
@@ -550,13 +560,35 @@ impl Manager {
     }
 
     pub async fn list_vms(&self, user: &str) -> Result<Vec<Vm>> {
+        self.settled(None).await;
         let vms = self.store.list_vms(Some(user)).await?;
         Ok(vms.into_iter().map(|v| self.present(v)).collect())
     }
 
     pub async fn get_vm(&self, user: &str, vm_id: &str) -> Result<Vm> {
+        self.settled(Some(vm_id)).await;
         let vm = self.owned_vm(user, vm_id).await?;
         Ok(self.present(vm))
+    }
+
+    /// Waits (a few ms) for wakes whose machine is up but whose bookkeeping is
+    /// still being written, of one VM or of all: the proxy forwards before it
+    /// is done, and what the API shows must match what the proxy did.
+    async fn settled(&self, vm_id: Option<&str>) {
+        let up: Vec<watch::Receiver<WakeStatus>> = {
+            let map = self.runtimes.lock().unwrap_or_else(|e| e.into_inner());
+            let wake = |rt: &Arc<VmRuntime>| rt.lock().wake.clone();
+            match vm_id {
+                Some(id) => map.get(id).and_then(wake).into_iter().collect(),
+                None => map.values().filter_map(wake).collect(),
+            }
+        };
+        for mut rx in up {
+            if matches!(*rx.borrow(), WakeStatus::Up) {
+                let done = rx.wait_for(|v| matches!(v, WakeStatus::Done(_)));
+                let _ = tokio::time::timeout(Duration::from_secs(5), done).await;
+            }
+        }
     }
 
     pub async fn delete_vm(&self, user: &str, vm_id: &str) -> Result<()> {
@@ -963,21 +995,24 @@ impl Manager {
     async fn wake_and_wait(self: &Arc<Self>, vm_id: &str, mode: WakeMode) -> Result<()> {
         let mut rx = self.wake(vm_id, mode);
         let res = rx
-            .wait_for(|v| v.is_some())
+            .wait_for(|v| matches!(v, WakeStatus::Done(_)))
             .await
             .map(|v| v.clone())
             .map_err(|_| ManagerError::Internal("wake task ended without a result".into()))?;
-        res.unwrap_or_else(|| Err(ManagerError::Internal("no wake result".into())))
+        match res {
+            WakeStatus::Done(r) => r,
+            _ => Err(ManagerError::Internal("no wake result".into())),
+        }
     }
 
     /// Joins the VM's in-flight wake or starts one; the result is shared.
-    fn wake(self: &Arc<Self>, vm_id: &str, mode: WakeMode) -> watch::Receiver<Option<WakeResult>> {
+    fn wake(self: &Arc<Self>, vm_id: &str, mode: WakeMode) -> watch::Receiver<WakeStatus> {
         let rt = self.runtime(vm_id);
         let mut inner = rt.lock();
         if let Some(rx) = &inner.wake {
             return rx.clone();
         }
-        let (tx, rx) = watch::channel(None);
+        let (tx, rx) = watch::channel(WakeStatus::Pending);
         inner.wake = Some(rx.clone());
         if inner.transient.is_none() && inner.machine.is_none() {
             inner.transient = Some(VmState::Starting);
@@ -987,7 +1022,7 @@ impl Manager {
         let vm_id = vm_id.to_string();
         let rt2 = rt.clone();
         tokio::spawn(async move {
-            let res = this.run_wake(&rt2, &vm_id, mode).await;
+            let res = this.run_wake(&rt2, &vm_id, mode, &tx).await;
             {
                 let mut inner = rt2.lock();
                 inner.wake = None;
@@ -995,16 +1030,19 @@ impl Manager {
                     inner.transient = None;
                 }
             }
-            let _ = tx.send(Some(res));
+            let _ = tx.send(WakeStatus::Done(res));
         });
         rx
     }
 
+    /// Wakes the VM. Waiters on `tx` are released as soon as the machine is up;
+    /// the bookkeeping (store, events) follows while they are forwarded.
     async fn run_wake(
         self: &Arc<Self>,
         rt: &Arc<VmRuntime>,
         vm_id: &str,
         mode: WakeMode,
+        tx: &watch::Sender<WakeStatus>,
     ) -> WakeResult {
         let _op = rt.op.lock().await;
         let Some(vm) = self.store.get_vm(vm_id).await? else {
@@ -1073,6 +1111,8 @@ impl Manager {
                     inner.machine = Some(machine.clone());
                     inner.generation
                 };
+                let total_ms = t0.elapsed().as_millis() as u64;
+                let _ = tx.send(WakeStatus::Up);
                 self.store.record_wake(vm_id, restore).await?;
                 rt.activity.touch();
                 rt.first_byte_pending.store(true, Ordering::SeqCst);
@@ -1083,7 +1123,7 @@ impl Manager {
                     serde_json::json!({
                         "mode": mode.as_str(),
                         "download_ms": download_ms.load(Ordering::SeqCst),
-                        "total_ms": t0.elapsed().as_millis() as u64,
+                        "total_ms": total_ms,
                     }),
                 )
                 .await;
@@ -1091,7 +1131,7 @@ impl Manager {
                     vm_id,
                     kind,
                     hypervisor = %self.hv.name(),
-                    elapsed_ms = t0.elapsed().as_millis() as u64,
+                    elapsed_ms = total_ms,
                     "vm woken"
                 );
                 Ok(())
@@ -1273,7 +1313,8 @@ impl Manager {
 
     /// The proxy answered a request that waited for a wake, `ms` after it
     /// arrived: the first such answer after each wake is recorded as an event.
-    pub async fn first_byte_after_wake(&self, vm_id: &str, ms: u64) {
+    /// `attempts` requests were sent to the guest, the last taking `guest_ms`.
+    pub async fn first_byte_after_wake(&self, vm_id: &str, ms: u64, attempts: u32, guest_ms: f64) {
         if self
             .runtime(vm_id)
             .first_byte_pending
@@ -1282,7 +1323,11 @@ impl Manager {
             self.event(
                 vm_id,
                 "first_byte",
-                serde_json::json!({"first_byte_ms": ms}),
+                serde_json::json!({
+                    "first_byte_ms": ms,
+                    "attempts": attempts,
+                    "guest_ms": (guest_ms * 10.0).round() / 10.0,
+                }),
             )
             .await;
         }
@@ -1307,6 +1352,15 @@ impl Manager {
     /// The proxy's route lookup: memory only.
     pub fn lookup(&self, subdomain: &str) -> Option<RouteTarget> {
         self.routes.get(subdomain)
+    }
+
+    /// The proxy's fast path: where a running VM's already forwarded port is,
+    /// without waiting for anything; `None` means [`Manager::upstream`] must run
+    /// (a wake, or a port forward to add).
+    pub fn ready_upstream(&self, target: &RouteTarget) -> Option<Upstream> {
+        let m = self.runtime(&target.vm_id).ready_machine()?;
+        m.forwarded(target.port)
+            .map(|addr| Upstream { addr, woke: false })
     }
 
     /// Finds (waking the VM if it sleeps and the route allows it) the host
@@ -1360,7 +1414,9 @@ impl Manager {
         }
         let mut rx = self.wake(&target.vm_id, WakeMode::Auto);
         let waited = tokio::time::timeout_at(deadline, async {
-            rx.wait_for(|v| v.is_some()).await.map(|v| v.clone())
+            rx.wait_for(|v| !matches!(v, WakeStatus::Pending))
+                .await
+                .map(|v| v.clone())
         })
         .await;
         let res = match waited {
@@ -1369,13 +1425,13 @@ impl Manager {
             Ok(Ok(v)) => v,
         };
         match res {
-            Some(Ok(())) => {}
-            Some(Err(ManagerError::Timeout(_))) => {
+            WakeStatus::Up | WakeStatus::Done(Ok(())) => {}
+            WakeStatus::Done(Err(ManagerError::Timeout(_))) => {
                 return Err(UpstreamError::Timeout(self.cfg.wake_timeout))
             }
-            Some(Err(ManagerError::NotFound)) => return Err(UpstreamError::VmGone),
-            Some(Err(e)) => return Err(UpstreamError::WakeFailed(e.to_string())),
-            None => return Err(UpstreamError::Internal("no wake result".into())),
+            WakeStatus::Done(Err(ManagerError::NotFound)) => return Err(UpstreamError::VmGone),
+            WakeStatus::Done(Err(e)) => return Err(UpstreamError::WakeFailed(e.to_string())),
+            WakeStatus::Pending => return Err(UpstreamError::Internal("no wake result".into())),
         }
         let machine = rt.lock().machine.clone();
         match machine {

@@ -273,9 +273,11 @@ impl<S: AsyncRead + Unpin> AsyncRead for FramingGuard<S> {
             if this.eof_after_out {
                 return Poll::Ready(Ok(()));
             }
-            let mut tmp = [0u8; 16 * 1024];
-            let mut rb = ReadBuf::new(&mut tmp);
-            match Pin::new(&mut this.inner).poll_read(cx, &mut rb) {
+            // Read straight into hyper's buffer. When the state machine passes
+            // every new byte on unchanged (the usual case), they stay there;
+            // otherwise they are taken back and served from `out`.
+            let start = buf.filled().len();
+            match Pin::new(&mut this.inner).poll_read(cx, buf) {
                 Poll::Pending => {
                     // A head has started and is not complete: it has a deadline.
                     let in_head = this.state == State::Head && !this.held.is_empty();
@@ -297,23 +299,29 @@ impl<S: AsyncRead + Unpin> AsyncRead for FramingGuard<S> {
                 }
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                 Poll::Ready(Ok(())) => {
-                    let filled = rb.filled();
-                    if filled.is_empty() {
+                    let new = &buf.filled()[start..];
+                    if new.is_empty() {
                         // End of stream: whatever is held goes to hyper as is.
                         this.release_held();
                         this.eof_after_out = true;
                         continue;
                     }
-                    if this.state == State::Passthrough && this.out.is_empty() {
-                        // Fast path: no copy into `out`.
-                        let n = filled.len().min(buf.remaining());
-                        if n == filled.len() {
-                            buf.put_slice(filled);
-                            return Poll::Ready(Ok(()));
-                        }
+                    if this.state == State::Passthrough {
+                        return Poll::Ready(Ok(()));
                     }
-                    let filled = filled.to_vec();
-                    this.feed(&filled);
+                    let unchanged = this.held.is_empty();
+                    let len = new.len();
+                    this.feed(new);
+                    if unchanged
+                        && !this.stall_after_out
+                        && this.held.is_empty()
+                        && this.out.len() == len
+                    {
+                        // `out` is a copy of the new bytes: they are already in `buf`.
+                        this.out.clear();
+                        return Poll::Ready(Ok(()));
+                    }
+                    buf.set_filled(start);
                 }
             }
         }

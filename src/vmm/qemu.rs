@@ -624,7 +624,7 @@ impl QemuMachine {
             match Qmp::connect(&self.work_dir.join(QMP_SOCKET)).await {
                 Ok(q) => return Ok(q),
                 Err(e) if Instant::now() >= deadline => return Err(e),
-                Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+                Err(_) => tokio::time::sleep(Duration::from_millis(2)).await,
             }
         }
     }
@@ -663,7 +663,7 @@ impl QemuMachine {
             if Instant::now() >= deadline {
                 return Err(VmmError::NotReady(timeout));
             }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            tokio::time::sleep(Duration::from_millis(5)).await;
         }
     }
 
@@ -709,7 +709,8 @@ impl QemuMachine {
                 )));
             }
             tokio::time::sleep(delay).await;
-            delay = (delay * 2).min(Duration::from_millis(25));
+            // query-migrate is cheap: poll often, a wake waits on it.
+            delay = (delay * 2).min(Duration::from_millis(5));
         }
     }
 
