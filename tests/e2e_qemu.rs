@@ -110,7 +110,7 @@ async fn concurrent_requests_to_a_snapshotted_vm_share_one_restore() {
             .collect();
         for t in tasks {
             let (s, body) = t.await.unwrap();
-            assert_eq!((s, body), (200, page(&vm)));
+            assert_eq!((s, body), (200, page(&vm)), "log:\n{}", h.log());
         }
         let v = h.vm(&vm).await;
         assert_eq!(
@@ -266,7 +266,7 @@ async fn restarts_keep_every_vm_and_route_reachable() {
     get_page(&h, "alpha.hatch.local", &a).await;
     get_page(&h, "beta.hatch.local", &b).await;
     let (_, events) = h.call("GET", &format!("/vms/{a}/events"), None).await;
-    assert_eq!(events[0]["kind"], "adopt", "{events}");
+    assert_eq!(common::lifecycle(&events)[0]["kind"], "adopt", "{events}");
 
     // Hard kill with the guests gone too: marked stopped, the next request boots.
     h.stop(true);
@@ -384,10 +384,14 @@ async fn idle_real_guests_sleep_and_the_next_request_wakes_them() {
         (v["state"].clone(), v["restore_count"].clone()),
         (json!("running"), json!(1))
     );
-    let (_, events) = h.call("GET", &format!("/vms/{vm}/events"), None).await;
-    assert_eq!(events[0]["kind"], "restore", "{events}");
-    assert_eq!(events[1]["kind"], "snapshot");
-    assert_eq!(events[1]["detail"]["trigger"], "idle");
+    let path = format!("/vms/{vm}/events");
+    let events = common::events_with(|| h.call("GET", &path, None), "first_byte").await;
+    assert_eq!(events[0]["kind"], "first_byte", "{events}");
+    assert_eq!(events[0]["detail"]["attempts"], 1, "{events}");
+    let life = common::lifecycle(&events);
+    assert_eq!(life[0]["kind"], "restore", "{events}");
+    assert_eq!(life[1]["kind"], "snapshot");
+    assert_eq!(life[1]["detail"]["trigger"], "idle");
     assert!(h.log().contains("vm idle; putting it to sleep"));
 }
 

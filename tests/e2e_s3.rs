@@ -47,7 +47,7 @@ async fn a_snapshot_in_the_bucket_restores_on_a_node_with_an_empty_data_dir() {
     );
     let (_, events) = a.call("GET", &format!("/vms/{vm}/events"), None).await;
     assert!(
-        events[0]["detail"]["store"]
+        common::lifecycle(&events)[0]["detail"]["store"]
             .as_str()
             .unwrap()
             .starts_with("s3 "),
@@ -67,10 +67,12 @@ async fn a_snapshot_in_the_bucket_restores_on_a_node_with_an_empty_data_dir() {
         "log:\n{}",
         b.log()
     );
-    let (_, events) = b.call("GET", &format!("/vms/{vm}/events"), None).await;
-    assert_eq!(events[0]["kind"], "restore", "{events}");
+    let path = format!("/vms/{vm}/events");
+    let events = common::events_with(|| b.call("GET", &path, None), "first_byte").await;
+    let life = common::lifecycle(&events);
+    assert_eq!(life[0]["kind"], "restore", "{events}");
     assert!(
-        events[0]["detail"]["download_ms"].as_u64().unwrap() > 0,
+        life[0]["detail"]["download_ms"].as_u64().unwrap() > 0,
         "{events}"
     );
 

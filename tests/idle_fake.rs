@@ -92,7 +92,8 @@ async fn i1_a_long_streaming_response_keeps_the_vm_awake_until_its_last_byte() {
     // The next request wakes it; the wake and its first byte are recorded.
     let (s, _) = d.get("myapp.hatch.local").await;
     assert_eq!(s, 200);
-    let (_, events) = d.call("GET", &format!("/vms/{vm}/events"), None).await;
+    let path = format!("/vms/{vm}/events");
+    let events = common::events_with(|| d.call("GET", &path, None), "first_byte").await;
     let kinds: Vec<&str> = events
         .as_array()
         .unwrap()
@@ -102,6 +103,8 @@ async fn i1_a_long_streaming_response_keeps_the_vm_awake_until_its_last_byte() {
         .collect();
     assert_eq!(kinds, ["first_byte", "restore", "snapshot"], "{events}");
     assert!(events[0]["detail"]["first_byte_ms"].is_u64());
+    assert_eq!(events[0]["detail"]["attempts"], 1);
+    assert!(events[0]["detail"]["guest_ms"].is_f64(), "{events}");
 }
 
 #[tokio::test]

@@ -1315,6 +1315,8 @@ impl Manager {
     /// arrived: the first such answer after each wake is recorded as an event.
     /// `attempts` requests were sent to the guest, the last taking `guest_ms`.
     pub async fn first_byte_after_wake(&self, vm_id: &str, ms: u64, attempts: u32, guest_ms: f64) {
+        // After the wake's own event, though the answer may have been faster.
+        self.settled(Some(vm_id)).await;
         if self
             .runtime(vm_id)
             .first_byte_pending

@@ -241,3 +241,37 @@ fn dechunk(head: &str, body: String) -> String {
     }
     out
 }
+
+/// A VM's events (newest first) once one of `kind` is among them: events
+/// written just after an answer, such as `first_byte`, may follow it by a few
+/// ms. Gives up after 5 s and returns what is there.
+pub async fn events_with<Fut>(fetch: impl Fn() -> Fut, kind: &str) -> Value
+where
+    Fut: std::future::Future<Output = (u16, Value)>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let (_, events) = fetch().await;
+        let found = events
+            .as_array()
+            .is_some_and(|a| a.iter().any(|e| e["kind"] == kind));
+        if found || tokio::time::Instant::now() > deadline {
+            return events;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The lifecycle events (boot, restore, snapshot, …) without the `first_byte`
+/// ones, newest first.
+pub fn lifecycle(events: &Value) -> Vec<Value> {
+    events
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter(|e| e["kind"] != "first_byte")
+                .cloned()
+                .collect()
+        })
+        .unwrap_or_default()
+}
