@@ -340,6 +340,7 @@ mod tests {
         assert_eq!(c.max_snapshots_per_vm, 10);
         assert_eq!(c.default_mem_mib, 512);
         assert_eq!(c.data_dir, PathBuf::from("./data"));
+        assert_eq!(c.proxy_workers, 0, "one per CPU");
     }
 
     #[test]
@@ -375,6 +376,17 @@ mod tests {
                 .unwrap_err()
                 .var,
             "HATCH_SSH_ALLOWED_CIDR"
+        );
+        for bad in ["many", "-1", "5000"] {
+            assert_eq!(
+                cfg(&[("HATCH_PROXY_WORKERS", bad)]).unwrap_err().var,
+                "HATCH_PROXY_WORKERS",
+                "{bad}"
+            );
+        }
+        assert_eq!(
+            cfg(&[("HATCH_PROXY_WORKERS", "3")]).unwrap().proxy_workers,
+            3
         );
     }
 

@@ -286,3 +286,22 @@ async fn restart_keeps_vms_and_routes_reachable() {
     let (_, routes) = d.call("GET", &format!("/vms/{a}/routes"), None).await;
     assert_eq!(routes[0]["subdomain"], "alive");
 }
+
+#[tokio::test]
+async fn any_number_of_proxy_workers_serves_and_wakes() {
+    for workers in ["1", "3"] {
+        let d = FakeDaemon::start(&[("HATCH_PROXY_WORKERS", workers)]).await;
+        let vm = cold_vm(&d, "myapp", true).await;
+        // More connections than workers, at once: each lands on some worker,
+        // and the one wake they share runs on the main runtime.
+        let tasks: Vec<_> = (0..12)
+            .map(|_| tokio::spawn(common::proxy_get(d.proxy, "myapp.hatch.local")))
+            .collect();
+        for t in tasks {
+            let (s, body) = t.await.unwrap();
+            assert_eq!(s, 200, "{workers} workers: {body}");
+            assert!(body.contains(&vm));
+        }
+        assert_eq!(d.fake.restores.load(SeqCst), 1, "{workers} workers");
+    }
+}

@@ -130,29 +130,33 @@ impl Proxy {
                 },
                 _ = async { let _ = shutdown_rx.wait_for(|v| *v).await; } => return,
             };
-            let mut conn = Some(stream);
-            // A worker whose thread ended is skipped (its channel is closed).
+            let std_stream = match stream.into_std() {
+                Ok(s) => s,
+                Err(e) => {
+                    debug!(error = %e, "could not hand a connection to a worker");
+                    continue;
+                }
+            };
+            // Round-robin; a worker whose thread ended (its channel is closed)
+            // is skipped.
+            let mut item = Some((std_stream, peer));
             for _ in 0..workers.len() {
                 next = (next + 1) % workers.len();
-                let Some(stream) = conn.take() else { break };
-                let std_stream = match stream.into_std() {
-                    Ok(s) => s,
-                    Err(e) => {
-                        debug!(error = %e, "could not hand a connection to a worker");
-                        break;
-                    }
-                };
-                match workers[next].send((std_stream, peer)) {
-                    Ok(()) => break,
-                    Err(tokio::sync::mpsc::error::SendError((s, _))) => {
-                        conn = tokio::net::TcpStream::from_std(s).ok();
+                if let Some(x) = item.take() {
+                    match workers[next].send(x) {
+                        Ok(()) => break,
+                        Err(tokio::sync::mpsc::error::SendError(back)) => item = Some(back),
                     }
                 }
             }
-            if let Some(stream) = conn {
-                let this = self.clone();
-                let (client, sd) = (fallback.clone(), shutdown.clone());
-                tokio::spawn(this.serve_conn(client, stream, peer, sd));
+            if let Some((std_stream, peer)) = item {
+                match tokio::net::TcpStream::from_std(std_stream) {
+                    Ok(stream) => {
+                        let (client, sd) = (fallback.clone(), shutdown.clone());
+                        tokio::spawn(self.clone().serve_conn(client, stream, peer, sd));
+                    }
+                    Err(e) => debug!(error = %e, "could not register a client connection"),
+                }
             }
         }
     }
