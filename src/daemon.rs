@@ -44,6 +44,7 @@ pub struct Running {
     pub manager: Arc<Manager>,
     shutdown: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
+    data_dir: PathBuf,
 }
 
 impl Running {
@@ -54,6 +55,8 @@ impl Running {
         for t in self.tasks {
             let _ = t.await;
         }
+        // Nothing listens at these addresses any more.
+        remove_addrs(&self.data_dir);
         self.manager.shutdown_all().await;
     }
 }
@@ -177,6 +180,8 @@ pub async fn start_with(mut cfg: Config, hv: Arc<dyn Hypervisor>) -> Result<Runn
         info!(path = %path.display(), "created the first API key; read it from this file");
     }
 
+    // The address files of an earlier run must not be read as this one's.
+    remove_addrs(&cfg.data_dir);
     let api_listener = TcpListener::bind(cfg.http_addr)
         .await
         .map_err(|e| DaemonError::Listen(cfg.http_addr, e))?;
@@ -224,6 +229,7 @@ pub async fn start_with(mut cfg: Config, hv: Arc<dyn Hypervisor>) -> Result<Runn
         manager: mgr,
         shutdown,
         tasks: vec![api_task, proxy_task, reaper_task],
+        data_dir: cfg.data_dir.clone(),
     })
 }
 
@@ -250,6 +256,14 @@ async fn seed_default_image(cfg: &Config, store: &Store) -> Result<(), DaemonErr
 }
 
 /// Tells scripts and tests where we listen (ports may be ephemeral).
+const ADDR_FILES: [&str; 2] = ["api.addr", "proxy.addr"];
+
+fn remove_addrs(dir: &Path) {
+    for name in ADDR_FILES {
+        let _ = std::fs::remove_file(dir.join(name));
+    }
+}
+
 fn write_addr(dir: &Path, name: &str, addr: SocketAddr) {
     let tmp = dir.join(format!(".{name}.tmp"));
     if std::fs::write(&tmp, format!("{addr}\n")).is_ok() {

@@ -61,7 +61,7 @@ enum VmCmd {
     Delete { id: String },
     /// Power a running VM off.
     Stop { id: String },
-    /// Cold-boot a stopped VM.
+    /// Make a VM run: cold boot from stopped or error, resume from snapshotted.
     Start { id: String },
     /// Save a running VM's memory and put it to sleep.
     Snapshot { id: String },
@@ -69,17 +69,23 @@ enum VmCmd {
     Restore { id: String },
     /// List a VM's snapshots, newest first.
     Snapshots { id: String },
+    /// A VM's lifecycle events with their durations, newest first.
+    Events { id: String },
 }
 
 #[derive(Subcommand)]
 enum RouteCmd {
     /// Expose a guest port on a subdomain.
     Add {
+        /// The VM's id (vm_...).
         vm: String,
+        /// The guest port to expose (1-65535).
         #[arg(long)]
         port: i64,
+        /// The subdomain (lowercase letters, digits, hyphens); random when absent.
         #[arg(long)]
         subdomain: Option<String>,
+        /// Answer 503 while the VM sleeps instead of waking it.
         #[arg(long)]
         no_auto_wake: bool,
     },
@@ -201,6 +207,7 @@ async fn main() -> anyhow::Result<()> {
             c.call(M::GET, &format!("/vms/{id}/snapshots"), None)
                 .await?
         }
+        Cmd::Vm(VmCmd::Events { id }) => c.call(M::GET, &format!("/vms/{id}/events"), None).await?,
         Cmd::Route(RouteCmd::Add {
             vm,
             port,
