@@ -32,11 +32,6 @@ use hatch::model::VmState;
 use hatch::vmm::fake::{FakeHypervisor, SharedFake};
 use tokio::io::AsyncReadExt;
 
-/// mimalloc: the proxy's per-request allocations cost about a third less
-/// CPU than with glibc's allocator (see bench/).
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 const USER: &str = "admin";
 
 struct Args {

@@ -5,11 +5,6 @@ use std::io::IsTerminal;
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
 
-/// mimalloc: the proxy's per-request allocations cost about a third less
-/// CPU than with glibc's allocator (see bench/).
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 /// hatchd runs microVMs, serves the Hatch API and the subdomain proxy.
 ///
 /// It takes no arguments: configuration comes from HATCH_* environment
