@@ -85,6 +85,15 @@ wait_port() { # port [timeout_s]
 
 rss_kib() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status"; }
 
+# nginx with $1/nginx.conf in the foreground (tracked by PID) until port $2
+# listens. Sets NGINX_PID.
+run_nginx() {
+    nginx -p "$1" -c "$1/nginx.conf" -g 'daemon off;' >&2 &
+    NGINX_PID=$!
+    BENCH_PIDS+=("$NGINX_PID")
+    wait_port "$2"
+}
+
 # nginx serving a small static file on 127.0.0.1:$2 (prefix dir $1), one
 # worker (the same backend for every proxy). Sets NGINX_PID.
 start_nginx_backend() {
@@ -109,10 +118,7 @@ http {
     }
 }
 EOF
-    nginx -p "$dir" -c "$dir/nginx.conf" -g 'daemon off;' >&2 &
-    NGINX_PID=$!
-    BENCH_PIDS+=("$NGINX_PID")
-    wait_port "$port"
+    run_nginx "$dir" "$port"
 }
 
 # nginx as a plain reverse proxy on 127.0.0.1:$2 to 127.0.0.1:$3: upstream
@@ -151,10 +157,7 @@ http {
     }
 }
 EOF
-    nginx -p "$dir" -c "$dir/nginx.conf" -g 'daemon off;' >&2 &
-    NGINX_PID=$!
-    BENCH_PIDS+=("$NGINX_PID")
-    wait_port "$port"
+    run_nginx "$dir" "$port"
 }
 
 # Starts examples/bench_proxy with N routes in front of backend port $2.
