@@ -14,7 +14,9 @@ use futures::task::AtomicWaker;
 
 /// Milliseconds since the Unix epoch.
 pub(crate) fn now_ms() -> u64 {
-    chrono::Utc::now().timestamp_millis().max(0) as u64
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// Tells one connection or stream to finish cleanly.

@@ -46,7 +46,7 @@ pub fn subdomain_of(host: &str, base: &str) -> Result<String, HostError> {
     } else {
         match host.rsplit_once(':') {
             Some((name, port)) => {
-                check_port(&format!(":{port}"))?;
+                check_port_digits(port)?;
                 name
             }
             None => host,
@@ -61,7 +61,12 @@ pub fn subdomain_of(host: &str, base: &str) -> Result<String, HostError> {
     {
         return Err(HostError::Malformed);
     }
-    let name = name.to_ascii_lowercase();
+    // Hosts are nearly always lowercase already: copy only when not.
+    let name: std::borrow::Cow<str> = if name.bytes().any(|b| b.is_ascii_uppercase()) {
+        name.to_ascii_lowercase().into()
+    } else {
+        name.into()
+    };
     let Some(label) = name
         .strip_suffix(base)
         .and_then(|rest| rest.strip_suffix('.'))
@@ -77,15 +82,22 @@ pub fn subdomain_of(host: &str, base: &str) -> Result<String, HostError> {
     Ok(label.to_string())
 }
 
+/// What follows an IPv6 literal's `]`: nothing, or `:port`.
 fn check_port(rest: &str) -> Result<(), HostError> {
     match rest.strip_prefix(':') {
         None if rest.is_empty() => Ok(()),
-        Some(p) if !p.is_empty() && p.len() <= 5 && p.bytes().all(|b| b.is_ascii_digit()) => {
-            match p.parse::<u32>() {
-                Ok(n) if n <= 65535 => Ok(()),
-                _ => Err(HostError::Malformed),
-            }
-        }
+        Some(p) => check_port_digits(p),
+        None => Err(HostError::Malformed),
+    }
+}
+
+/// A port: 1 to 5 digits, at most 65535.
+fn check_port_digits(p: &str) -> Result<(), HostError> {
+    if p.is_empty() || p.len() > 5 || !p.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(HostError::Malformed);
+    }
+    match p.parse::<u32>() {
+        Ok(n) if n <= 65535 => Ok(()),
         _ => Err(HostError::Malformed),
     }
 }
