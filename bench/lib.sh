@@ -85,60 +85,51 @@ wait_port() { # port [timeout_s]
 
 rss_kib() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status"; }
 
-# nginx with $1/nginx.conf in the foreground (tracked by PID) until port $2
-# listens. Sets NGINX_PID.
+# nginx in the foreground (tracked by PID) in prefix dir $1 with $3 worker
+# processes and $4 inside its http {} block, until 127.0.0.1:$2 listens. Sets
+# NGINX_PID.
 run_nginx() {
-    nginx -p "$1" -c "$1/nginx.conf" -g 'daemon off;' >&2 &
+    local dir="$1" port="$2" workers="$3" http="$4"
+    mkdir -p "$dir/logs"
+    cat >"$dir/nginx.conf" <<EOF
+user root;
+worker_processes $workers;
+worker_rlimit_nofile 65536;
+pid $dir/nginx.pid;
+error_log $dir/logs/error.log warn;
+events { worker_connections 32768; }
+http {
+    access_log off;
+    keepalive_requests 100000000;
+    keepalive_timeout 120s;
+$http
+}
+EOF
+    nginx -p "$dir" -c "$dir/nginx.conf" -g 'daemon off;' >&2 &
     NGINX_PID=$!
     BENCH_PIDS+=("$NGINX_PID")
-    wait_port "$2"
+    wait_port "$port"
 }
 
 # nginx serving a small static file on 127.0.0.1:$2 (prefix dir $1), one
 # worker (the same backend for every proxy). Sets NGINX_PID.
 start_nginx_backend() {
     local dir="$1" port="$2"
-    mkdir -p "$dir/www" "$dir/logs"
+    mkdir -p "$dir/www"
     printf 'hello from the benchmark backend: a small static file of 64 bytes\n' | head -c 64 >"$dir/www/index.html"
-    cat >"$dir/nginx.conf" <<EOF
-user root;
-worker_processes 1;
-worker_rlimit_nofile 65536;
-pid $dir/nginx.pid;
-error_log $dir/logs/error.log warn;
-events { worker_connections 32768; }
-http {
-    access_log off;
-    keepalive_requests 100000000;
-    keepalive_timeout 120s;
-    default_type text/html;
+    run_nginx "$dir" "$port" 1 "    default_type text/html;
     server {
         listen 127.0.0.1:$port backlog=4096;
         location / { root $dir/www; }
-    }
-}
-EOF
-    run_nginx "$dir" "$port"
+    }"
 }
 
 # nginx as a plain reverse proxy on 127.0.0.1:$2 to 127.0.0.1:$3: upstream
 # keepalive, HTTP/1.1, Connection "", the same forwarding headers hatch sets.
-# Two workers (hatch's runtime has one worker thread per core). Sets NGINX_PID.
+# One worker per core, as hatch's proxy has. Sets NGINX_PID.
 start_nginx_proxy() {
     local dir="$1" port="$2" backend="$3"
-    mkdir -p "$dir/logs"
-    cat >"$dir/nginx.conf" <<EOF
-user root;
-worker_processes auto;
-worker_rlimit_nofile 65536;
-pid $dir/nginx.pid;
-error_log $dir/logs/error.log warn;
-events { worker_connections 32768; }
-http {
-    access_log off;
-    keepalive_requests 100000000;
-    keepalive_timeout 120s;
-    upstream backend {
+    run_nginx "$dir" "$port" auto "    upstream backend {
         server 127.0.0.1:$backend;
         keepalive 256;
         keepalive_requests 100000000;
@@ -148,16 +139,13 @@ http {
         location / {
             proxy_pass http://backend;
             proxy_http_version 1.1;
-            proxy_set_header Connection "";
+            proxy_set_header Connection \"\";
             proxy_set_header Host \$host;
             proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
             proxy_set_header X-Forwarded-Host \$host;
             proxy_set_header X-Forwarded-Proto \$scheme;
         }
-    }
-}
-EOF
-    run_nginx "$dir" "$port"
+    }"
 }
 
 # Starts examples/bench_proxy with N routes in front of backend port $2.

@@ -199,6 +199,14 @@ async fn w6_twenty_cycles_leak_nothing_and_do_not_slow_down() {
     let h = Hatchd::start(&[]).await;
     let vm = vm_with_route(&h, "cycle", true, json!({})).await;
     get_page(&h, "cycle.hatch.local", &vm).await;
+    // Two warm-up cycles first: the store's connection pool and the proxy
+    // workers' guest pools reach their working size (a leak grows with cycles).
+    for _ in 0..2 {
+        let (s, v) = h.call("POST", &format!("/vms/{vm}/snapshot"), None).await;
+        assert_eq!(s, 201, "{v}");
+        get_page(&h, "cycle.hatch.local", &vm).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
     let fds_before = open_fds(h.pid());
     let kids_before = children_of(h.pid()).len();
     let ports_before: usize = children_of(h.pid())

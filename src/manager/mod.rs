@@ -238,6 +238,15 @@ struct VmRuntime {
 }
 
 impl VmRuntime {
+    /// Makes `machine` the VM's machine; its generation tells a later exit
+    /// watcher whether the machine it watches is still the current one.
+    fn install(&self, machine: Arc<dyn Machine>) -> u64 {
+        let mut inner = self.lock();
+        inner.generation += 1;
+        inner.machine = Some(machine);
+        inner.generation
+    }
+
     fn lock(&self) -> MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -317,12 +326,7 @@ impl Manager {
             if let Some(machine) = adopted {
                 let rt = self.runtime(&vm.id);
                 let machine: Arc<dyn Machine> = Arc::from(machine);
-                let generation = {
-                    let mut inner = rt.lock();
-                    inner.generation += 1;
-                    inner.machine = Some(machine.clone());
-                    inner.generation
-                };
+                let generation = rt.install(machine.clone());
                 rt.activity.touch();
                 self.store
                     .set_vm_state(&vm.id, VmState::Running, None)
@@ -1105,12 +1109,7 @@ impl Manager {
         match tokio::time::timeout(self.cfg.wake_timeout, attempt).await {
             Ok(Ok(machine)) => {
                 let machine: Arc<dyn Machine> = Arc::from(machine);
-                let generation = {
-                    let mut inner = rt.lock();
-                    inner.generation += 1;
-                    inner.machine = Some(machine.clone());
-                    inner.generation
-                };
+                let generation = rt.install(machine.clone());
                 let total_ms = t0.elapsed().as_millis() as u64;
                 let _ = tx.send(WakeStatus::Up);
                 self.store.record_wake(vm_id, restore).await?;
