@@ -107,16 +107,25 @@ async fn i1_a_long_streaming_response_keeps_the_vm_awake_until_its_last_byte() {
     assert!(events[0]["detail"]["guest_ms"].is_f64(), "{events}");
 }
 
+/// A VM with route `myapp` whose guest is a WebSocket echo server, and a
+/// WebSocket opened to it through the proxy.
+async fn vm_with_websocket(
+    d: &FakeDaemon,
+) -> (String, tokio_tungstenite::WebSocketStream<TcpStream>) {
+    let (ws_addr, _, _) = ws_backend().await;
+    d.fake.set(|b| b.backend = Some(ws_addr));
+    let vm = vm_with_route(d, json!({})).await;
+    let sock = TcpStream::connect(d.proxy).await.unwrap();
+    let (ws, _) = tokio_tungstenite::client_async("ws://myapp.hatch.local/", sock)
+        .await
+        .unwrap();
+    (vm, ws)
+}
+
 #[tokio::test]
 async fn i2_an_open_websocket_keeps_the_vm_awake_and_sleep_follows_its_close() {
     let d = FakeDaemon::start(IDLE).await;
-    let (ws_addr, _, _) = ws_backend().await;
-    d.fake.set(|b| b.backend = Some(ws_addr));
-    let vm = vm_with_route(&d, json!({})).await;
-    let sock = TcpStream::connect(d.proxy).await.unwrap();
-    let (mut ws, _) = tokio_tungstenite::client_async("ws://myapp.hatch.local/", sock)
-        .await
-        .unwrap();
+    let (vm, mut ws) = vm_with_websocket(&d).await;
     for i in 0..6 {
         ws.send(Message::text(format!("tick {i}"))).await.unwrap();
         assert_eq!(
@@ -197,13 +206,7 @@ async fn per_vm_settings_and_stop_mode() {
 #[tokio::test]
 async fn a_snapshot_closes_websockets_with_1001_and_ends_streams_cleanly() {
     let d = FakeDaemon::start(&[]).await;
-    let (ws_addr, _, _) = ws_backend().await;
-    d.fake.set(|b| b.backend = Some(ws_addr));
-    let vm = vm_with_route(&d, json!({})).await;
-    let sock = TcpStream::connect(d.proxy).await.unwrap();
-    let (mut ws, _) = tokio_tungstenite::client_async("ws://myapp.hatch.local/", sock)
-        .await
-        .unwrap();
+    let (vm, mut ws) = vm_with_websocket(&d).await;
     ws.send(Message::text("hello")).await.unwrap();
     assert_eq!(ws.next().await.unwrap().unwrap(), Message::text("hello"));
 

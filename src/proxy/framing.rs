@@ -115,10 +115,8 @@ impl<S> FramingGuard<S> {
                     return;
                 }
                 State::Body(n) => {
-                    let take = (n.min(data.len() as u64)) as usize;
-                    self.out.extend_from_slice(&data[..take]);
-                    data = &data[take..];
-                    let left = n - take as u64;
+                    let left;
+                    (data, left) = self.pass_counted(data, n);
                     self.state = if left == 0 {
                         State::Head
                     } else {
@@ -126,10 +124,8 @@ impl<S> FramingGuard<S> {
                     };
                 }
                 State::ChunkData(n) => {
-                    let take = (n.min(data.len() as u64)) as usize;
-                    self.out.extend_from_slice(&data[..take]);
-                    data = &data[take..];
-                    let left = n - take as u64;
+                    let left;
+                    (data, left) = self.pass_counted(data, n);
                     self.state = if left == 0 {
                         State::ChunkCrlf
                     } else {
@@ -155,6 +151,14 @@ impl<S> FramingGuard<S> {
                 }
             }
         }
+    }
+
+    /// Passes up to `n` counted bytes (a body or a chunk) on; returns the rest
+    /// of `data` and how many counted bytes are still to come.
+    fn pass_counted<'a>(&mut self, data: &'a [u8], n: u64) -> (&'a [u8], u64) {
+        let take = n.min(data.len() as u64) as usize;
+        self.out.extend_from_slice(&data[..take]);
+        (&data[take..], n - take as u64)
     }
 
     fn release_held(&mut self) {

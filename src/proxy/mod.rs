@@ -59,6 +59,9 @@ pub struct Proxy {
     /// The daemon's runtime. Wakes, port forwards and store writes run there,
     /// so their QMP sockets, timers and tasks never belong to a proxy worker.
     main: tokio::runtime::Handle,
+    /// Connection settings, built once (builders hold no runtime state).
+    h1: hyper::server::conn::http1::Builder,
+    h2: hyper::server::conn::http2::Builder<TokioExecutor>,
 }
 
 /// The pool of keep-alive connections to guests, one per worker thread: a
@@ -75,7 +78,23 @@ impl Proxy {
     /// Must be called inside the daemon's runtime (see [`Proxy::main`]).
     pub fn new(mgr: Arc<Manager>, cfg: ProxyConfig) -> Arc<Proxy> {
         let main = tokio::runtime::Handle::current();
-        Arc::new(Proxy { mgr, cfg, main })
+        let mut h1 = hyper::server::conn::http1::Builder::new();
+        // hyper's clock runs from when it waits for a request: the keep-alive
+        // idle limit. The head itself must then arrive within
+        // `header_read_timeout` of its first byte (the framing guard's clock).
+        h1.timer(TokioTimer::new())
+            .header_read_timeout(cfg.idle_timeout)
+            .max_buf_size(MAX_HEAD_BUF);
+        let mut h2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+        h2.timer(TokioTimer::new())
+            .keep_alive_interval(Some(Duration::from_secs(30)));
+        Arc::new(Proxy {
+            mgr,
+            cfg,
+            main,
+            h1,
+            h2,
+        })
     }
 
     fn upstream_client() -> UpstreamClient {
@@ -233,28 +252,18 @@ impl Proxy {
             let _ = shutdown.wait_for(|v| *v).await;
         };
         let res = if is_h2 {
-            let mut h2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
-            h2.timer(TokioTimer::new())
-                .keep_alive_interval(Some(Duration::from_secs(30)));
-            let conn = h2.serve_connection(TokioIo::new(stream), svc);
+            let conn = self.h2.serve_connection(TokioIo::new(stream), svc);
             tokio::pin!(conn, stop);
             tokio::select! {
                 r = conn.as_mut() => r,
                 _ = &mut stop => { conn.as_mut().graceful_shutdown(); conn.await }
             }
         } else {
-            let mut h1 = hyper::server::conn::http1::Builder::new();
-            // hyper's clock runs from when it waits for a request: the keep-alive
-            // idle limit. The head itself must then arrive within
-            // `header_read_timeout` of its first byte (the framing guard's clock).
-            h1.timer(TokioTimer::new())
-                .header_read_timeout(self.cfg.idle_timeout)
-                .max_buf_size(MAX_HEAD_BUF);
             let io = TokioIo::new(framing::FramingGuard::with_head_timeout(
                 stream,
                 header_timeout,
             ));
-            let conn = h1.serve_connection(io, svc).with_upgrades();
+            let conn = self.h1.serve_connection(io, svc).with_upgrades();
             tokio::pin!(conn, stop);
             tokio::select! {
                 r = conn.as_mut() => r,
